@@ -32,8 +32,7 @@ class NoiseKind(enum.IntEnum):
 
     INITIAL = 0  # e*_c: a chunk's initial noise (step 0)
     SOLVER = 1  # xi_{c,k}: re-noising between few-step steps (step k = 1..T-1)
-    CONTEXT = 2  # noise of the clean-context cache refresh when context_noise > 0
-    PERTURB = 3  # d_i: a branch's perturbation of the pivot chunk's initial noise
+    PERTURB = 2  # d_i: a branch's perturbation of the pivot chunk's initial noise
 
 
 def split_seed(seed: int) -> tuple[int, int]:
