@@ -89,14 +89,19 @@ class NoisePlan:
         kind: NoiseKind = NoiseKind.INITIAL,
         branch: Sequence[int] | torch.Tensor | int = 0,
     ) -> NoiseKey:
-        sample = torch.atleast_1d(torch.as_tensor(sample, dtype=torch.int64))
-        branch = torch.as_tensor(branch, dtype=torch.int64).expand(sample.shape).clone()
+        """A key for a batch: one row per entry of `sample` (a device tensor stays on its device, so
+        building keys inside a CUDA loop copies nothing from the host; ids are range-checked only on CPU,
+        where that costs no sync)."""
+        sample = torch.as_tensor(sample, dtype=torch.int64)
+        sample = sample.reshape(1) if sample.ndim == 0 else sample
         if sample.ndim != 1:
             raise ValueError(f"sample must be an int or a 1-D sequence, got shape {tuple(sample.shape)}")
-        if (sample < 0).any() or (sample >= 2**32).any():
-            raise ValueError("sample ids must be in [0, 2**32)")
-        if (branch < 0).any() or (branch >= 2**24).any():
-            raise ValueError("branch ids must be in [0, 2**24)")
+        branch = torch.as_tensor(branch, dtype=torch.int64, device=sample.device).expand(sample.shape)
+        if sample.device.type == "cpu":
+            if (sample < 0).any() or (sample >= 2**32).any():
+                raise ValueError("sample ids must be in [0, 2**32)")
+            if (branch < 0).any() or (branch >= 2**24).any():
+                raise ValueError("branch ids must be in [0, 2**24)")
         return NoiseKey(sample, int(chunk), int(step), NoiseKind(kind), branch)
 
     def normal(

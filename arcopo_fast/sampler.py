@@ -213,6 +213,8 @@ class StreamingSampler:
         samples = torch.arange(B) if samples is None else torch.as_tensor(samples, dtype=torch.int64)
         if samples.shape != (B,):
             raise ValueError(f"samples must hold one noise id per batch row ({B}), got shape {tuple(samples.shape)}")
+        self.noise.key(samples.cpu(), 0)  # range checks on the host, once
+        samples = samples.to(self.model.device)  # noise keys then stay on the device: no per-step copies
         if num_chunks < 1 or not 0 <= start_chunk < num_chunks:
             raise ValueError(f"need num_chunks >= 1 and 0 <= start_chunk < num_chunks, got {num_chunks}, {start_chunk}")
         shape = (B, *self.chunk_shape(latent_hw))

@@ -64,15 +64,20 @@ class _Storage:
     ring: bool = False
     # zero-copy prefix segment: (parent k list, parent v list, parent row, prefix tokens)
     prefix: tuple[list[torch.Tensor], list[torch.Tensor], int, int] | None = None
+    total_tokens: int = 0  # absolute tokens committed (prefix included): shared by every view
 
 
 class KVCache:
     """Self-attention KV cache of all layers for `rows` samples. See the module docstring."""
 
-    def __init__(self, storage: _Storage, total_tokens: int = 0, query_rows: torch.Tensor | None = None):
+    def __init__(self, storage: _Storage, query_rows: torch.Tensor | None = None):
         self._s = storage
-        self.total_tokens = total_tokens
         self.query_rows = query_rows
+
+    @property
+    def total_tokens(self) -> int:
+        """Absolute tokens committed so far (the next chunk starts here); shared by all views."""
+        return self._s.total_tokens
 
     # -- construction ----------------------------------------------------------------------------------
 
@@ -193,10 +198,10 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in (*self._s.k, *self._s.v))
 
     def view(self, rows: torch.Tensor | None) -> KVCache:
-        """The same storage, read and written by a batch whose row b is cache row rows[b]."""
+        """The same storage and position, read and written by a batch whose row b is cache row rows[b]."""
         if rows is not None:
             rows = torch.as_tensor(rows, dtype=torch.int64, device=self.device)
-        return KVCache(self._s, self.total_tokens, rows)
+        return KVCache(self._s, rows)
 
     def rewind(self, total_tokens: int) -> None:
         """Forget everything after `total_tokens` (the next micro-batch of branches restarts at the pivot)."""
@@ -204,7 +209,7 @@ class KVCache:
             raise ValueError(f"can rewind to [{self.prefix_tokens}, {self.total_tokens}] tokens, not {total_tokens}")
         if self._s.ring and total_tokens < self.total_tokens and self.own_tokens > self._s.capacity:
             raise ValueError("a rolling-window cache that has wrapped cannot be rewound")
-        self.total_tokens = total_tokens
+        self._s.total_tokens = total_tokens
 
     def check_fits(self, num_tokens: int) -> None:
         """Raise unless `num_tokens` more tokens can be committed."""
@@ -225,6 +230,13 @@ class KVCache:
             raise ValueError(f"batch of {batch} exceeds the cache's {self.rows} rows")
         return None
 
+    def _prefix_rows(self, batch: int, row: int, device) -> torch.Tensor:
+        # memoised: built once per batch size, not once per layer and step
+        key = (batch, row, str(device))
+        if getattr(self, "_prow_key", None) != key:
+            self._prow, self._prow_key = torch.full((batch,), row, dtype=torch.int32, device=device), key
+        return self._prow
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention of a chunk's q, k, v [B, n, H, D] over [prefix ; cached past ; the chunk]."""
         B = q.shape[0]
@@ -236,7 +248,7 @@ class KVCache:
                 k_prefix=pk[layer],
                 v_prefix=pv[layer],
                 prefix_len=plen,
-                prefix_rows=torch.full((B,), prow, dtype=torch.int32, device=q.device),
+                    prefix_rows=self._prefix_rows(B, prow, q.device),
             )
         n = self.length
         return ops.chunk_attention(
@@ -282,7 +294,7 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.check_fits(n)
-        self.total_tokens += n
+        self._s.total_tokens += n
 
     # -- forks ---------------------------------------------------------------------------------------
 
@@ -296,6 +308,21 @@ class KVCache:
         if self.length == 0 or dst.numel() == 0:
             return
         ops.kv_fork_([*self._s.k, *self._s.v], src.to(self.device), dst.to(self.device), self.length)
+
+    def clone_row(self, row: int) -> KVCache:
+        """A new 1-row cache holding a copy of row `row`'s valid tokens, sized to exactly those tokens."""
+        if self._s.ring or self.zero_copy:
+            raise ValueError("clone_row needs a plain (non-ring, non-branched) cache")
+        n = self.length
+        k0 = self._s.k[0]
+        out = KVCache.allocate(
+            num_layers=self.num_layers, rows=1, capacity_tokens=n, num_heads=k0.shape[2], head_dim=k0.shape[3],
+            frame_tokens=self._s.frame_tokens, device=k0.device, dtype=k0.dtype,
+        )
+        for dst, src in zip((*out._s.k, *out._s.v), (*self._s.k, *self._s.v)):
+            dst.copy_(src[row : row + 1, :n])
+        out._s.total_tokens = self.total_tokens
+        return out
 
     def branch(self, parent_row: int, rows: int, capacity_tokens: int | None = None) -> KVCache:
         """Zero-copy fork: a new cache of `rows` rows that reads this cache's row `parent_row` (its valid
@@ -318,5 +345,5 @@ class KVCache:
             dtype=k0.dtype,
         )
         child._s.prefix = (self._s.k, self._s.v, int(parent_row), self.length)
-        child.total_tokens = self.total_tokens
+        child._s.total_tokens = self.total_tokens
         return child

@@ -63,9 +63,10 @@ class LayerNorm(nn.LayerNorm):
 
 
 def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a Linear (or a peft LoRA wrapper of one) in its weight's dtype."""
-    w = layer.weight if hasattr(layer, "weight") else layer.base_layer.weight
-    return layer(x.to(w.dtype))
+    """Apply a Linear (or a peft LoRA wrapper of one) in its base weight's dtype. The output is cast back
+    to that dtype because float32 LoRA factors would otherwise promote activations (and the KV cache)."""
+    dt = layer.weight.dtype
+    return layer(x.to(dt)).to(dt)
 
 
 class SelfAttention(nn.Module):
@@ -121,6 +122,10 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
+    def cross_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block's cross-attention K/V of the embedded text (a method so FSDP2 can unshard for it)."""
+        return self.cross_attn.kv(context)
+
     def forward(self, x, e, cross_k, cross_v, layer: int, rope, attn: AttnFn, frame_tokens: int):
         """x: [B, N, dim] float32 residual stream; e: [B, F, 6, dim] float32 projected time embedding."""
         B, N, D = x.shape
@@ -134,7 +139,7 @@ class Block(nn.Module):
         def gated(y, gate):
             return (y.float().view(B, Fr, frame_tokens, D) * gate).view(B, N, D)
 
-        cdt = self.ffn[0].weight.dtype if hasattr(self.ffn[0], "weight") else self.ffn[0].base_layer.weight.dtype
+        cdt = self.ffn[0].weight.dtype
         y = self.self_attn(modulate(self.norm1(x), shift1, scale1).to(cdt), layer, rope, attn)
         x = x + gated(y, gate1)
         x = x + self.cross_attn(self.norm3(x).to(cdt), cross_k, cross_v).float()
@@ -230,7 +235,7 @@ class CausalWanModel(nn.Module):
             raise ValueError(f"context has {Lt} tokens, more than text_len={self.cfg.text_len}")
         context = F.pad(context, (0, 0, 0, self.cfg.text_len - Lt))
         ctx = _linear(self.text_embedding[2], self.text_embedding[1](_linear(self.text_embedding[0], context)))
-        ks, vs = zip(*(b.cross_attn.kv(ctx) for b in self.blocks))
+        ks, vs = zip(*(b.cross_kv(ctx) for b in self.blocks))
         return CrossKV(list(ks), list(vs))
 
     # -- forward -----------------------------------------------------------------------------------------
@@ -247,9 +252,7 @@ class CausalWanModel(nn.Module):
         te = self.time_embedding
 
         def lin32(m, z):  # the time MLP runs in float32 whatever the parameter dtype (Wan: autocast fp32)
-            w = m.weight if hasattr(m, "weight") else m.base_layer.weight
-            b = m.bias if hasattr(m, "bias") else m.base_layer.bias
-            return F.linear(z, w.float(), b.float())
+            return F.linear(z, m.weight.float(), m.bias.float())
 
         e = lin32(te[2], F.silu(lin32(te[0], sin)))  # [B*F, dim]
         e0 = lin32(self.time_projection[1], F.silu(e))

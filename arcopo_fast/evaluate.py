@@ -1,0 +1,145 @@
+"""Evaluate a generator (base weights + adapters at a merge scale) on held-out prompts, and compare runs.
+
+    python -m arcopo_fast.evaluate --out eval/base                                   # tiny random base
+    python -m arcopo_fast.evaluate --checkpoint runs/tiny/base_model.safetensors \\
+        --adapter runs/tiny/checkpoints/latest/adapter:0.8 --rewards brightness,flicker --out eval/tuned
+    python -m arcopo_fast.evaluate --compare eval/base/results.json eval/tuned/results.json --out eval/cmp
+
+Writes <out>/results.json (per-prompt scores, means, settings) and <out>/results.md (a table). Use one
+in-domain reward (what training optimised) and one out-of-domain reward (what it did not): the paper's dual
+criterion separates genuine alignment from reward hacking. --compare puts two or more results side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_EVAL_PROMPTS = (
+    "a lighthouse beam sweeping across a foggy sea",
+    "a cat stretching on a sunny windowsill",
+    "rain drops sliding down a window at night",
+    "a field of sunflowers swaying in the wind",
+)
+
+
+def evaluate(
+    *,
+    generator,
+    prompts: list[str],
+    reward_specs: list,
+    num_chunks: int,
+    latent_hw: tuple[int, int],
+    seeds: list[int],
+    video_dir: Path | None = None,
+) -> dict:
+    from .rewards import CompositeReward
+    from .video_io import write_mp4
+
+    reward = CompositeReward(reward_specs)
+    rows = []
+    t0 = time.perf_counter()
+    for pi, prompt in enumerate(prompts):
+        for seed in seeds:
+            cross = generator.cross([prompt])
+            with torch.no_grad():
+                lat = generator.sampler.generate(cross, num_chunks=num_chunks, latent_hw=latent_hw, samples=[seed])
+                video = generator.vae.decode(lat).float()
+            total, comps = reward(video, [prompt])
+            rows.append({"prompt": prompt, "seed": seed, "total": float(total[0]), **{k: float(v[0]) for k, v in comps.items()}})
+            if video_dir is not None:
+                video_dir.mkdir(parents=True, exist_ok=True)
+                write_mp4(video_dir / f"p{pi:03d}_s{seed}.mp4", video[0].cpu())
+    keys = [k for k in rows[0] if k not in ("prompt", "seed")]
+    means = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+    return {"rows": rows, "means": means, "num_videos": len(rows), "seconds": time.perf_counter() - t0}
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """results: {name: results.json content} -> a Markdown table of mean scores, one column per run."""
+    names = list(results)
+    keys = sorted({k for r in results.values() for k in r["means"]}, key=lambda k: (k != "total", k))
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for k in keys:
+        vals = [results[n]["means"].get(k) for n in names]
+        lines.append(f"| {k} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in vals) + " |")
+    if len(names) == 2:
+        a, b = (results[n]["means"] for n in names)
+        lines.append("")
+        lines.append(f"Change {names[0]} -> {names[1]}: " + ", ".join(f"{k} {b[k] - a[k]:+.4f}" for k in keys if k in a and k in b))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m arcopo_fast.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="compare existing results instead of generating")
+    ap.add_argument("--checkpoint", help="base weights (any supported format, or a run's base_model.safetensors)")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--adapter", action="append", default=[], help="adapter folder[:scale]; repeat to merge (W0 + sum s dW)")
+    ap.add_argument("--text-encoder")
+    ap.add_argument("--vae")
+    ap.add_argument("--prompts", help="file with one held-out prompt per line (default: a small built-in set)")
+    ap.add_argument("--rewards", default="brightness,temporal_smoothness",
+                    help="comma list name[=weight] (names or module:Class); first = in-domain, others out-of-domain")
+    ap.add_argument("--seeds", default="0", help="comma list of noise seeds per prompt")
+    ap.add_argument("--num-chunks", type=int, default=3)
+    ap.add_argument("--height", type=int, default=8)
+    ap.add_argument("--width", type=int, default=8)
+    ap.add_argument("--model-seed", type=int, default=0, help="seed of a random base model (no --checkpoint)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--save-videos", action="store_true")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if args.compare:
+        results = {}
+        for p in args.compare:
+            path = Path(p)
+            if not path.is_file():
+                print(f"error: --compare: {path} does not exist", file=sys.stderr)
+                return 2
+            results[path.parent.name or path.stem] = json.loads(path.read_text())
+        table = markdown_table(results)
+        (out / "comparison.md").write_text(table)
+        print(table)
+        return 0
+
+    from .pipeline import load_generator
+    from .rewards import parse_reward_list
+    from .sample import parse_adapter
+
+    try:
+        specs = parse_reward_list(args.rewards)
+        prompts = DEFAULT_EVAL_PROMPTS if not args.prompts else [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
+        dev = torch.device(args.device)
+        gen = load_generator(
+            checkpoint=args.checkpoint, preset=args.preset, text_encoder=args.text_encoder, vae=args.vae,
+            adapters_spec=[parse_adapter(a) for a in args.adapter], device=dev,
+            dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, seed=args.model_seed,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res = evaluate(
+        generator=gen, prompts=list(prompts), reward_specs=specs, num_chunks=args.num_chunks,
+        latent_hw=(args.height, args.width), seeds=[int(s) for s in args.seeds.split(",")],
+        video_dir=out / "videos" if args.save_videos else None,
+    )
+    res["settings"] = {k: v for k, v in vars(args).items() if k != "compare"}
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    table = markdown_table({out.name: res})
+    (out / "results.md").write_text(table)
+    print(table)
+    print(f"[arcopo_fast] wrote {out / 'results.json'} and {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

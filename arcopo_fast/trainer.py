@@ -1,0 +1,517 @@
+"""The AR-CoPO trainer: forked group rollouts, rewards overlapped with the next rollout, the clipped
+contrastive update on the pivot chunk, checkpoints, resume, torchrun.
+
+One iteration, per rank (algorithm.md):
+    prompt -> text embedding (cached on disk) -> cross-attention K/V (once per prompt)
+    -> pivot p -> prefix chunks < p once -> fork the KV cache into G branches
+    -> chunk p from perturbed noise, recorded (x_{p,k}, x0_old) -> chunks > p (micro-batched)
+    -> [worker thread / 2nd CUDA stream] VAE decode -> rewards        (overlaps the next group's rollout)
+    -> advantages -> epochs x (anchors' x0_theta vs the detached prefix cache -> clipped loss -> step)
+    -> metrics, checkpoint
+Semi-on-policy runs draw the groups from a replay buffer of reference rollouts instead, and rebuild each
+group's prefix cache from its clean latents with the adapters disabled (the reference weights).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import adapters, checkpointing, ops
+from . import distributed as dist_utils
+from .config import TrainConfig
+from .data import PromptSet
+from .metrics import MetricsLogger, peak_memory_gb, provenance
+from .model.config import get_preset
+from .model.kv_cache import CrossKV
+from .model.wan import CausalWanModel
+from .profiling import maybe_profile, nvtx_range
+from .rl.loss import group_advantages
+from .rl.replay import ReplayBuffer, write_group, write_index
+from .rl.rollout import GroupSample, RolloutEngine
+from .rl.update import group_loss, sample_anchors
+from .sampler import FewStepSchedule, StreamingSampler
+
+EVAL_SAMPLE_ID = 2**31 - 1  # noise id of the before/after sample videos (never a training group)
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any tuple of ints/strings (stable across processes, unlike hash())."""
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
+
+
+def _sync(device: torch.device) -> None:
+    # NOTE(sync): phase boundaries only (timing of rollout / reward / update), never inside a phase.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: str | bool | None = None):
+        self.cfg = cfg
+        os.environ["ARCOPO_BACKEND"] = cfg.run.attention_backend
+        self.dist, self.device = dist_utils.init(cfg.run.device)
+        self.run_dir = Path(cfg.run.out_dir).expanduser()
+        self.adapter_name = adapters.ADAPTER_FOR_MODE[cfg.run.mode]
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+        self._stop = False
+        self.start_iteration = 0
+
+        with nvtx_range("setup"):
+            self.model = self._build_model()
+            self.text_encoder, self.vae = self._build_text_and_vae()
+            self.reward = self._build_reward()
+        self.prompts = PromptSet(cfg.data.prompts, cfg.run.seed)
+        s = cfg.sampler
+        self.latent_hw = (s.latent_height, s.latent_width)
+        self.sampler = StreamingSampler(
+            self.model,
+            FewStepSchedule(denoising_steps=s.denoising_steps, shift=s.shift, context_noise=s.context_noise),
+            seed=cfg.run.seed,
+        )
+        a = cfg.algo
+        self.engine = RolloutEngine(
+            self.sampler,
+            num_chunks=s.num_chunks,
+            latent_hw=self.latent_hw,
+            group_size=a.group_size,
+            perturb_scale=a.perturb_scale,
+            micro_batch=cfg.run.micro_batch,
+            fork=cfg.run.fork,
+            tau=a.tau,
+        )
+        self.steps = list(a.steps) if a.steps is not None else list(range(len(s.denoising_steps)))
+        self.pivot_max = s.num_chunks - 1 if a.pivot_max is None else a.pivot_max
+
+        self.train_model = dist_utils.wrap_model(self.model, cfg.adapter.kind, self.dist)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.buffer = self._prepare_buffer() if cfg.run.mode == "semi-on-policy" else None
+
+        if resume:
+            path = self.run_dir if resume is True else resume
+            state = checkpointing.load(path, model=self.model, optimizer=self.optimizer)
+            self.start_iteration = int(state["iteration"])
+        self.log = None
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
+            info = dict(provenance(), backends=ops.describe(self.device), world_size=self.dist.world_size)
+            (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+            self.log = MetricsLogger(
+                self.run_dir,
+                tensorboard=cfg.run.tensorboard,
+                wandb=cfg.run.wandb,
+                wandb_project=cfg.run.wandb_project,
+                config=cfg.to_dict(),
+                resume_from=self.start_iteration if resume else 0,
+            )
+
+    # -- construction ----------------------------------------------------------------------------------
+
+    def _build_model(self) -> CausalWanModel:
+        cfg = self.cfg
+        if cfg.model.checkpoint:
+            from .model.checkpoint import load_model
+
+            model = load_model(cfg.model.checkpoint, ema=cfg.model.ema, device=self.device, dtype=self.dtype)
+        else:
+            torch.manual_seed(cfg.run.seed)  # identical random base weights on every rank
+            model = CausalWanModel(get_preset(cfg.model.preset)).to(device=self.device, dtype=self.dtype)
+        model.requires_grad_(False)
+        model.eval()
+        model.gradient_checkpointing = cfg.optim.gradient_checkpointing
+        if not cfg.model.checkpoint and self.dist.is_main:
+            # random base weights are part of the run: keep them so adapters can be merged and evaluated
+            from .model.checkpoint import save_model
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_model(model, self.run_dir / "base_model.safetensors")
+        ad = cfg.adapter
+        if ad.kind == "lora":
+            adapters.add_lora(model, self.adapter_name, rank=ad.rank, alpha=ad.alpha, target_modules=ad.target_modules)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        return model
+
+    def _build_text_and_vae(self):
+        from .model.text_encoder import TextEncoder
+        from .model.vae import WanVAE
+
+        m = self.cfg.model
+        te_path, vae_path = m.text_encoder, m.vae
+        if te_path is None or vae_path is None:
+            from .model.tiny_assets import ensure_tiny_assets
+
+            root = Path(m.assets_dir).expanduser()
+            if self.dist.is_main:
+                ensure_tiny_assets(root)
+            dist_utils.barrier()
+            assets = ensure_tiny_assets(root)
+            te_path = te_path or assets["text_encoder"]
+            vae_path = vae_path or assets["vae"]
+        cache = None if m.embed_cache_dir is None else Path(m.embed_cache_dir).expanduser()
+        te = TextEncoder(te_path, text_len=self.model.cfg.text_len, device=self.device, dtype=self.dtype if self.device.type == "cuda" else torch.float32, out_dtype=self.dtype, cache_dir=cache)
+        if te.dim != self.model.cfg.text_dim:
+            raise ValueError(f"text encoder {te_path} outputs {te.dim} channels, the model expects text_dim={self.model.cfg.text_dim}")
+        vae = WanVAE(vae_path, device=self.device, dtype=self.dtype if self.device.type == "cuda" else torch.float32)
+        return te, vae
+
+    def _build_reward(self):
+        from .rewards import CompositeReward
+
+        return CompositeReward([dataclasses.asdict(e) for e in self.cfg.reward.rewards])
+
+    def _buffer_settings(self) -> dict[str, Any]:
+        s, a = self.cfg.sampler, self.cfg.algo
+        return {
+            "num_chunks": s.num_chunks,
+            "latent_hw": list(self.latent_hw),
+            "denoising_steps": list(s.denoising_steps),
+            "shift": s.shift,
+            "context_noise": s.context_noise,
+            "group_size": a.group_size,
+            "perturb_scale": a.perturb_scale,
+            "tau": a.tau,
+            "model_config": dataclasses.asdict(self.model.cfg),
+            "base_checkpoint": self.cfg.model.checkpoint,
+        }
+
+    def _prepare_buffer(self) -> ReplayBuffer:
+        r = self.cfg.replay
+        root = Path(r.buffer).expanduser() if r.buffer else self.run_dir / "replay_buffer"
+        if not ReplayBuffer.exists(root):
+            self.collect_buffer(root, r.buffer_groups)
+        buf = ReplayBuffer(root)
+        buf.check_compatible(self._buffer_settings())
+        return buf
+
+    # -- pieces of an iteration ---------------------------------------------------------------------------
+
+    def cross_for(self, prompt: str) -> CrossKV:
+        """The prompt's cross-attention K/V (one text row), from the on-disk embedding cache when present."""
+        with torch.no_grad():
+            emb = self.text_encoder.encode([prompt]).to(self.device, self.dtype)
+            return self.model.encode_text(emb)
+
+    def pivot_for(self, group: int) -> int:
+        return random.Random(derive_seed(self.cfg.run.seed, "pivot", group)).randint(self.cfg.algo.pivot_min, self.pivot_max)
+
+    def score(self, latents: torch.Tensor, prompt: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Decode the branch videos and score them: (total [G], components)."""
+        with nvtx_range("decode"):
+            if self.cfg.reward.decode_chunked:  # lower peak memory: the VAE's causal feature cache
+                dec, F = self.vae.stream(), self.model.cfg.chunk_frames
+                videos = torch.cat([dec.decode_chunk(latents[:, i : i + F]) for i in range(0, latents.shape[1], F)], dim=1)
+            else:
+                videos = self.vae.decode(latents)
+        with nvtx_range("reward"):
+            return self.reward(videos.float(), [prompt] * latents.shape[0])
+
+    def _submit_score(self, pool, sample: GroupSample):
+        """Score a group on the worker thread (and a side CUDA stream), overlapping the next rollout."""
+        latents = sample.latents
+        if not self.cfg.reward.async_rewards:
+            fut = concurrent.futures.Future()
+            fut.set_result(self.score(latents, sample.prompt))
+            return fut
+        if self.device.type != "cuda":
+            return pool.submit(self.score, latents, sample.prompt)
+        stream = self._reward_stream
+        ready = torch.cuda.Event()
+        ready.record()
+        latents.record_stream(stream)  # the allocator must not reuse it while the side stream reads it
+
+        def work():
+            with torch.cuda.stream(stream):
+                stream.wait_event(ready)
+                out = self.score(latents, sample.prompt)
+            stream.synchronize()  # NOTE(sync): on the worker thread only
+            return out
+
+        return pool.submit(work)
+
+    def rollout_groups(self, iteration: int, pool) -> tuple[list[GroupSample], list[CrossKV], dict[str, float]]:
+        """On-policy: this rank's groups of the iteration, rolled out and scored."""
+        gpr, world, rank = self.cfg.run.groups_per_rank, self.dist.world_size, self.dist.rank
+        samples, crosses, futures = [], [], []
+        t0 = time.perf_counter()
+        for j in range(gpr):
+            group = (iteration * world + rank) * gpr + j
+            prompt = self.prompts.for_group(group)
+            cross = self.cross_for(prompt)
+            with nvtx_range("rollout"):
+                s = self.engine.rollout(cross, group=group, pivot=self.pivot_for(group), prompt=prompt)
+            futures.append(self._submit_score(pool, s))
+            samples.append(s)
+            crosses.append(cross)
+        _sync(self.device)
+        t1 = time.perf_counter()
+        for s, fut in zip(samples, futures):
+            s.rewards, s.components = fut.result()
+            s.latents = None  # decoded and scored: free it before the update
+        if self.device.type == "cuda" and self.cfg.reward.async_rewards:
+            torch.cuda.current_stream().wait_stream(self._reward_stream)
+        t2 = time.perf_counter()
+        return samples, crosses, {"time/rollout": t1 - t0, "time/reward_wait": t2 - t1}
+
+    def replay_groups(self, iteration: int) -> tuple[list[GroupSample], list[CrossKV], dict[str, float]]:
+        """Semi-on-policy: groups drawn uniformly from the buffer, prefix caches rebuilt with the reference
+        weights (adapters disabled), under no_grad."""
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "replay", iteration, self.dist.rank))
+        idx = torch.randint(len(self.buffer), (self.cfg.replay.groups_per_iteration,), generator=g).tolist()
+        samples, crosses = [], []
+        for i in idx:
+            s = self.buffer.load(i)
+            cross = self.cross_for(s.prompt)
+            with torch.no_grad(), adapters.adapters_disabled(self.model):
+                s.prefix_cache = self.engine.rebuild_prefix_cache(cross, s.prefix_latents)
+            samples.append(s)
+            crosses.append(cross)
+        _sync(self.device)
+        self._last_buffer_draws = idx
+        return samples, crosses, {"time/replay": time.perf_counter() - t0}
+
+    def update(self, iteration: int, samples: list[GroupSample], crosses: list[CrossKV]) -> dict[str, float]:
+        """`epochs` optimizer steps on the pivot chunks of `samples`. A non-finite loss or gradient norm
+        skips the step (logged), it is never applied."""
+        a, o = self.cfg.algo, self.cfg.optim
+        lr = o.lr * min(1.0, (iteration + 1) / o.warmup_iterations) if o.warmup_iterations else o.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        advs = [group_advantages(s.rewards.to(self.device), eps=a.adv_eps, quasi_norm_q=a.quasi_norm_q) for s in samples]
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (o.autocast_bf16 and self.device.type == "cuda") else contextlib.nullcontext()
+        out: dict[str, float] = {"lr": lr, "skipped_steps": 0}
+        n = len(samples)
+        for epoch in range(a.epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            stats = []
+            for j, (s, cross, adv) in enumerate(zip(samples, crosses, advs)):
+                gen = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "anchors", s.group, iteration, epoch))
+                anchors = sample_anchors(s.group_size, a.num_anchors, gen)
+                no_sync = getattr(self.train_model, "no_sync", None)
+                ctx = no_sync() if (no_sync is not None and j < n - 1) else contextlib.nullcontext()
+                with ctx, autocast:
+                    loss, st = group_loss(self.train_model, self.sampler, s, cross, s.prefix_cache, anchors, self.steps, adv, a.clip_eps)
+                    (loss / n).backward()
+                stats.append(dict(st, loss=loss.detach()))
+            norm = torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip if o.grad_clip > 0 else float("inf"))
+            loss_sum = torch.stack([st["loss"] for st in stats]).sum()
+            # NOTE(sync): one host read per optimizer step, to decide whether the step is applied.
+            finite = bool(torch.isfinite(norm) & torch.isfinite(loss_sum))
+            if finite:
+                self.optimizer.step()
+            else:
+                out["skipped_steps"] += 1
+                self.optimizer.zero_grad(set_to_none=True)
+            mean = {k: float(torch.stack([st[k] for st in stats]).float().mean()) for k in stats[0]}
+            for k, v in mean.items():
+                out[f"update/{k}/epoch{epoch}"] = v
+            out[f"update/grad_norm/epoch{epoch}"] = float(norm)
+        for k in ("loss", "ratio_mean", "ratio_max_dev", "clip_frac", "kl"):
+            out[f"update/{k}"] = out[f"update/{k}/epoch{a.epochs - 1}"]
+        out["update/grad_norm"] = out[f"update/grad_norm/epoch{a.epochs - 1}"]
+        out["adv/abs_mean"] = float(torch.stack([x.abs().mean() for x in advs]).mean())
+        return out
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def _install_sigint(self):
+        if threading_main():
+
+            def handler(signum, frame):
+                if self._stop:  # second Ctrl-C: stop now
+                    signal.signal(signal.SIGINT, signal.default_int_handler)
+                    raise KeyboardInterrupt
+                self._stop = True
+                if self.dist.is_main:
+                    print("\n[arcopo_fast] Ctrl-C: finishing this iteration, writing a checkpoint, then exiting "
+                          "(press Ctrl-C again to stop at once)", flush=True)
+
+            return signal.signal(signal.SIGINT, handler)
+        return None
+
+    def save(self, iteration: int) -> Path | None:
+        name = self.adapter_name
+
+        def export(folder: Path):
+            if self.cfg.adapter.kind == "lora":
+                adapters.save_adapter(self.model, name, folder / "adapter")
+
+        state = {
+            "config": self.cfg.to_dict(),
+            "mode": self.cfg.run.mode,
+            "adapter": name if self.cfg.adapter.kind == "lora" else None,
+            "seed": self.cfg.run.seed,
+            "data_cursor": iteration * self.dist.world_size * self.cfg.run.groups_per_rank,
+            "buffer_draws": getattr(self, "_last_buffer_draws", None),
+            "world_size": self.dist.world_size,
+        }
+        return checkpointing.save(
+            self.run_dir / "checkpoints", iteration, model=self.model, optimizer=self.optimizer, state=state,
+            is_main=self.dist.is_main, keep=self.cfg.run.keep_checkpoints, export=export,
+        )
+
+    def write_samples(self, tag: str) -> None:
+        """Rank 0: a sample video of data.eval_prompt with the current weights (tag 'before' runs the base
+        weights: adapters disabled)."""
+        if not (self.cfg.run.sample_videos and self.dist.is_main):
+            return
+        from .video_io import write_contact_sheet, write_mp4
+
+        cross = self.cross_for(self.cfg.data.eval_prompt)
+        ctx = adapters.adapters_disabled(self.model) if tag == "before" else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            lat = self.sampler.generate(cross, num_chunks=self.cfg.sampler.num_chunks, latent_hw=self.latent_hw, samples=[EVAL_SAMPLE_ID])
+            video = self.vae.decode(lat)[0].float().cpu()
+        out = self.run_dir / "samples"
+        out.mkdir(exist_ok=True)
+        write_mp4(out / f"{tag}.mp4", video, fps=16)
+        write_contact_sheet(out / f"{tag}.png", video)
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        total = cfg.run.iterations
+        old_handler = self._install_sigint()
+        self._reward_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="arcopo-reward")
+        bar = tqdm(total=total, initial=self.start_iteration, disable=not (cfg.run.progress and self.dist.is_main), desc="AR-CoPO", dynamic_ncols=True)
+        last_saved = self.start_iteration
+        completed = self.start_iteration
+        try:
+            if self.start_iteration == 0:
+                self.write_samples("before")
+            for it in range(self.start_iteration, total):
+                prof_dir = self.run_dir / "profile" if (cfg.run.profile and it == self.start_iteration + 1 and self.dist.is_main) else None
+                with maybe_profile(prof_dir, name=f"iteration{it}"):
+                    metrics = self._iteration(it, pool)
+                completed = it + 1
+                if self.dist.is_main:
+                    self.log.log(it, metrics)
+                    bar.set_postfix(reward=f"{metrics['reward/mean']:.4f}", clip=f"{metrics['update/clip_frac']:.2f}")
+                    bar.update(1)
+                stop = dist_utils.all_reduce_max(self._stop, self.device)
+                if completed % cfg.run.checkpoint_every == 0 or completed == total or stop:
+                    self.save(completed)
+                    last_saved = completed
+                if stop:
+                    break
+        except BaseException:
+            # The last checkpoint is never touched by a failure. On one process, also save the state at the
+            # last completed iteration (weights are only changed at the very end of an iteration).
+            if not self.dist.enabled and completed > last_saved:
+                with contextlib.suppress(Exception):
+                    self.save(completed)
+            raise
+        finally:
+            bar.close()
+            pool.shutdown(wait=True)
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+        summary = {"run_dir": str(self.run_dir), "iterations": completed, "interrupted": self._stop}
+        if self.dist.is_main:
+            self.log.plot()
+            if completed == total:
+                self.write_samples("after")
+            hist = self.log.history()
+            rewards = [r["reward/mean"] for r in hist]
+            if len(rewards) >= 20:
+                summary["reward_first10"] = sum(rewards[:10]) / 10
+                summary["reward_last10"] = sum(rewards[-10:]) / 10
+            self.log.close()
+        return summary
+
+    def _iteration(self, it: int, pool) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.model.eval()
+        if self.buffer is None:
+            samples, crosses, times = self.rollout_groups(it, pool)
+        else:
+            samples, crosses, times = self.replay_groups(it)
+        t1 = time.perf_counter()
+        with nvtx_range("update"):
+            upd = self.update(it, samples, crosses)
+        _sync(self.device)
+        t2 = time.perf_counter()
+        for s in samples:
+            s.prefix_cache = None
+        # gather what every rank saw (small: rewards and a few numbers)
+        mine = [
+            {"rewards": s.rewards.cpu().tolist(), "pivot": s.pivot, "tau": s.tau.float().mean().item(),
+             "components": {k: v.cpu().tolist() for k, v in s.components.items()}}
+            for s in samples
+        ]
+        rows = [r for per_rank in dist_utils.all_gather_objects(mine) for r in per_rank]
+        rewards = torch.tensor([x for r in rows for x in r["rewards"]])
+        m: dict[str, Any] = {
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std(unbiased=False)),
+            "reward/group_std": sum(float(torch.tensor(r["rewards"]).std(unbiased=False)) for r in rows) / len(rows),
+            "pivot/mean": sum(r["pivot"] for r in rows) / len(rows),
+            "pivots": [r["pivot"] for r in rows],
+            "tau/mean": sum(r["tau"] for r in rows) / len(rows),
+            **upd,
+            **times,
+            "time/update": t2 - t1,
+            "time/iteration": t2 - t0,
+            "branch_videos_per_s": (len(rows) * self.cfg.algo.group_size / (t1 - t0)) if self.buffer is None else 0.0,
+            "mem/peak_gb": peak_memory_gb(self.device),
+        }
+        for key in rows[0]["components"]:
+            vals = torch.tensor([x for r in rows for x in r["components"][key]])
+            m[f"reward/{key}/mean"] = float(vals.mean())
+            m[f"reward/{key}/std"] = float(vals.std(unbiased=False))
+        if not math.isfinite(m["reward/mean"]):
+            raise RuntimeError("non-finite mean reward")
+        return m
+
+    # -- replay-buffer collection (semi-on-policy) ---------------------------------------------------------
+
+    def collect_buffer(self, root: str | Path, num_groups: int) -> Path:
+        """Roll out `num_groups` groups with the REFERENCE weights (adapters disabled), score them and store
+        them compactly (rl/replay.py). Groups are sharded across ranks; rank 0 writes the index."""
+        root = Path(root).expanduser()
+        store = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.replay.store_dtype]
+        mine = list(range(self.dist.rank, num_groups, self.dist.world_size))
+        records = []
+        self._reward_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, adapters.adapters_disabled(self.model):
+            pending: list[tuple[GroupSample, Any]] = []
+            for group in tqdm(mine, desc="collect buffer", disable=not self.dist.is_main):
+                prompt = self.prompts.for_group(group)
+                s = self.engine.rollout(self.cross_for(prompt), group=group, pivot=self.pivot_for(group), prompt=prompt, keep_prefix_cache=False)
+                pending.append((s, self._submit_score(pool, s)))
+                while len(pending) > 1:  # keep one group in flight, write the older one
+                    s0, f0 = pending.pop(0)
+                    s0.rewards, s0.components = f0.result()
+                    records.append(write_group(root, s0, store))
+            for s0, f0 in pending:
+                s0.rewards, s0.components = f0.result()
+                records.append(write_group(root, s0, store))
+        all_records = [r for per_rank in dist_utils.all_gather_objects(records) for r in per_rank]
+        if self.dist.is_main:
+            write_index(root, self._buffer_settings(), all_records)
+        dist_utils.barrier()
+        return root
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
