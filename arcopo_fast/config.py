@@ -395,7 +395,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if len(path) < 2 or path[0] not in _SECTIONS:
         raise ValueError(f"override {text!r}: the key must be <section>.<field> with a section in {sorted(_SECTIONS)}")
-    return path, yaml.safe_load(raw) if raw.strip() else ""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return path, value
 
 
 def load_config(preset: str = "tiny", config_file: str | None = None, overrides: list[str] = ()) -> TrainConfig:
