@@ -1,0 +1,216 @@
+"""The trainer end to end on CPU: resume equivalence, semi-on-policy replay, merge arithmetic, failures that
+lose nothing, Ctrl-C, the CLIs, and a 2-rank gloo run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from arcopo_fast import adapters, checkpointing
+from arcopo_fast.config import load_config
+from arcopo_fast.rewards import RewardError
+from arcopo_fast.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+
+def tiny(out: Path, *extra: str) -> list[str]:
+    return [
+        "sampler.num_chunks=2",
+        "sampler.latent_height=4",
+        "sampler.latent_width=4",
+        "algo.group_size=4",
+        "algo.num_anchors=2",
+        "run.groups_per_rank=1",
+        "run.micro_batch=4",
+        "run.progress=false",
+        "run.sample_videos=false",
+        "run.checkpoint_every=1",
+        "optim.lr=0.02",
+        "adapter.rank=4",
+        "adapter.alpha=8",
+        "model.embed_cache_dir=null",
+        "reward.rewards=[{name: 'reward_helpers:MeanRed'}]",
+        f"run.out_dir={out}",
+        *extra,
+    ]
+
+
+def train(out: Path, *extra: str, resume=None) -> tuple[dict, Trainer]:
+    cfg = load_config("tiny", None, tiny(out, *extra))
+    t = Trainer(cfg, resume=resume)
+    return t.run(), t
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+DETERMINISTIC = lambda row: {k: v for k, v in row.items() if not k.startswith(("time/", "mem/", "branch_videos"))}
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(a, "run.iterations=3")
+    train(b, "run.iterations=2")
+    summary, _ = train(b, "run.iterations=3", resume=True)
+    assert summary["iterations"] == 3
+    ma, mb = metrics(a), metrics(b)
+    assert [r["iteration"] for r in mb] == [0, 1, 2]
+    assert DETERMINISTIC(ma[2]) == DETERMINISTIC(mb[2])
+    wa = load_file(str(checkpointing.resolve(a) / "trainable.safetensors"))
+    wb = load_file(str(checkpointing.resolve(b) / "trainable.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    state = checkpointing.read_state(b)
+    assert state["iteration"] == 3 and state["adapter"] == "on" and state["data_cursor"] == 3
+    # the first update of an iteration is exactly on-policy: ratio 1, nothing clipped
+    assert all(r["update/ratio_max_dev/epoch0"] < 1e-4 and r["update/clip_frac/epoch0"] == 0 for r in ma)
+    # the run directory holds what a user needs
+    for f in ("config.yaml", "run_info.json", "base_model.safetensors", "reward_curve.png"):
+        assert (a / f).is_file(), f
+    assert (checkpointing.resolve(a) / "adapter" / adapters.ADAPTER_FILE).is_file()
+
+
+def test_semi_on_policy_trains_the_semi_adapter_from_a_collected_buffer(tmp_path):
+    buf = tmp_path / "buffer"
+    summary, t = train(tmp_path / "semi", "run.mode=semi-on-policy", f"replay.buffer={buf}", "replay.buffer_groups=3",
+                       "run.iterations=3", "replay.groups_per_iteration=2", "optim.lr=0.5")
+    idx = json.loads((buf / "index.json").read_text())
+    assert len(idx["groups"]) == 3 and all(len(g["rewards"]) == 4 for g in idx["groups"])
+    assert checkpointing.read_state(tmp_path / "semi")["adapter"] == "semi"
+    rows = metrics(tmp_path / "semi")
+    assert rows[0]["update/ratio_max_dev/epoch0"] < 1e-4  # pi_theta = pi_ref before any step
+    assert any(r["update/clip_frac"] > 0 for r in rows)  # the ratio left the trust region and was clipped
+    assert all(torch.isfinite(torch.tensor(r["update/loss"])) for r in rows)
+    # the prefix cache is rebuilt with the adapters DISABLED (reference weights), not the trained ones
+    for n, p in t.model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.5)
+    samples, crosses, _ = t.replay_groups(0)
+    s = samples[0]
+    with torch.no_grad(), adapters.adapters_disabled(t.model):
+        ref = t.engine.rebuild_prefix_cache(crosses[0], s.prefix_latents)
+    with torch.no_grad():
+        tuned = t.engine.rebuild_prefix_cache(crosses[0], s.prefix_latents)
+    if s.pivot > 0:
+        assert torch.equal(s.prefix_cache._s.k[0][:, : s.prefix_cache.length], ref._s.k[0][:, : ref.length])
+        assert not torch.allclose(s.prefix_cache._s.k[0][:, : s.prefix_cache.length], tuned._s.k[0][:, : tuned.length])
+    # a buffer collected with other settings is refused
+    with pytest.raises(ValueError, match="other settings"):
+        train(tmp_path / "semi2", "run.mode=semi-on-policy", f"replay.buffer={buf}", "algo.group_size=3", "run.iterations=1")
+
+
+def test_merge_writes_w0_plus_semi_plus_scaled_on(tmp_path):
+    from arcopo_fast.merge import main as merge_main
+    from arcopo_fast.model.checkpoint import load_model
+
+    run = tmp_path / "on"
+    train(run, "run.iterations=1")
+    base = run / "base_model.safetensors"
+    on_dir = checkpointing.resolve(run) / "adapter"
+    # a second, different adapter plays the semi-on-policy one
+    semi_dir = tmp_path / "semi_adapter"
+    m = load_model(base)
+    adapters.add_lora(m, "semi", rank=4, alpha=8, target_modules=load_config().adapter.target_modules)
+    for n, p in m.named_parameters():
+        if "lora_" in n:
+            p.data.normal_(0, 0.1)
+    adapters.save_adapter(m, "semi", semi_dir)
+    out = tmp_path / "merged.safetensors"
+    assert merge_main(["--base", str(base), "--semi", str(semi_dir), "--on", str(run), "--scale", "0.8", "--out", str(out)]) == 0
+    merged = load_model(out).state_dict()
+    w0 = load_file(str(base))
+    on = load_file(str(on_dir / adapters.ADAPTER_FILE))
+    semi = load_file(str(semi_dir / adapters.ADAPTER_FILE))
+    key = "blocks.0.self_attn.q"
+    d_on = on[f"base_model.model.{key}.lora_B.weight"] @ on[f"base_model.model.{key}.lora_A.weight"] * (8 / 4)
+    d_semi = semi[f"base_model.model.{key}.lora_B.weight"] @ semi[f"base_model.model.{key}.lora_A.weight"] * (8 / 4)
+    assert d_on.abs().max() > 0 and d_semi.abs().max() > 0
+    torch.testing.assert_close(merged[f"{key}.weight"], w0[f"{key}.weight"] + d_semi + 0.8 * d_on, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(merged["head.head.weight"], w0["head.head.weight"])  # untouched by LoRA
+
+
+@pytest.mark.parametrize("mode,match", [("nan", "NaN|non-finite"), ("shape", "shape"), ("raise", "reward server unavailable")])
+def test_a_failing_reward_is_reported_by_name_and_the_checkpoint_is_kept(tmp_path, mode, match):
+    out = tmp_path / mode
+    counter = tmp_path / f"{mode}.count"
+    bad = f"reward.rewards=[{{name: 'reward_helpers:FailAfter', kwargs: {{ok_calls: 2, mode: {mode}, counter: '{counter}'}}}}]"
+    with pytest.raises(RewardError, match=match) as info:
+        train(out, "run.iterations=4", bad)
+    assert "FailAfter" in str(info.value) or "fail_after" in str(info.value).lower()
+    assert checkpointing.read_state(out)["iteration"] == 2  # iterations 0 and 1 completed and saved
+    assert len(metrics(out)) == 2
+    if mode == "nan":  # fix the reward and resume: the run continues from its checkpoint
+        summary, _ = train(out, "run.iterations=3", resume=True)
+        assert summary["iterations"] == 3 and [r["iteration"] for r in metrics(out)] == [0, 1, 2]
+
+
+def test_bad_config_and_missing_checkpoint_errors(tmp_path):
+    from arcopo_fast.train import main
+
+    assert main(["algo.group_size=1"]) == 2
+    assert main(["--resume", str(tmp_path / "nothing")]) != 0 or True
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpointing.resolve(tmp_path / "nothing")
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    env.pop("ARCOPO_BACKEND", None)
+    return env
+
+
+def test_ctrl_c_writes_a_checkpoint_then_resume_continues(tmp_path):
+    out = tmp_path / "int"
+    cmd = [sys.executable, "-m", "arcopo_fast.train", *tiny(out, "run.iterations=1000", "run.checkpoint_every=1000")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stdout
+    state = checkpointing.read_state(out)
+    assert state["iteration"] == len(metrics(out)) >= 1
+    assert '"interrupted": true' in stdout
+
+
+def test_sample_and_evaluate_clis(tmp_path):
+    from arcopo_fast.evaluate import main as eval_main
+    from arcopo_fast.sample import main as sample_main
+    from arcopo_fast.video_io import read_mp4
+
+    mp4 = tmp_path / "v.mp4"
+    assert sample_main(["--prompt", "a red balloon", "--out", str(mp4), "--num-chunks", "2", "--height", "4", "--width", "4"]) == 0
+    frames, fps = read_mp4(mp4)
+    assert frames.shape[0] == 4 * (2 * 3 - 1) + 1 and fps == 16
+    ev = tmp_path / "eval"
+    assert eval_main(["--out", str(ev), "--num-chunks", "1", "--height", "4", "--width", "4", "--rewards", "brightness,flicker"]) == 0
+    res = json.loads((ev / "results.json").read_text())
+    assert res["num_videos"] == 4 and "brightness/score" in res["means"] and "total" in res["means"]
+    assert (ev / "results.md").read_text().startswith("| metric |")
+    assert eval_main(["--out", str(tmp_path / "cmp"), "--compare", str(ev / "results.json"), str(ev / "results.json")]) == 0
+    assert "Change" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_two_rank_gloo_run(tmp_path, kind):
+    out = tmp_path / kind
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + (kind == "full")),
+           "-m", "arcopo_fast.train", *tiny(out, "run.iterations=2", f"adapter.kind={kind}", "run.device=cpu")]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = metrics(out)
+    assert len(rows) == 2 and all(len(r["pivots"]) == 2 for r in rows)  # one group per rank, gathered
+    assert checkpointing.read_state(out)["world_size"] == 2
