@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -386,6 +387,9 @@ def _deep_update(base: dict, new: dict) -> dict:
     return base
 
 
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'algo.group_size=8' -> (['algo', 'group_size'], 8). The value is parsed as YAML (numbers, lists,
     true/false, null); a bare word stays a string."""
@@ -396,11 +400,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if len(path) < 2 or path[0] not in _SECTIONS:
         raise ValueError(f"override {text!r}: the key must be <section>.<field> with a section in {sorted(_SECTIONS)}")
     value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    if isinstance(value, str) and _NUMBER.match(value):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        value = float(value)
     return path, value
 
 

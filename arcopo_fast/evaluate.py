@@ -105,7 +105,8 @@ def main(argv=None) -> int:
             if not path.is_file():
                 print(f"error: --compare: {path} does not exist", file=sys.stderr)
                 return 2
-            results[path.parent.name or path.stem] = json.loads(path.read_text())
+            name = path.parent.name or path.stem
+            results[name if name not in results else f"{name}#{len(results) + 1}"] = json.loads(path.read_text())
         table = markdown_table(results)
         (out / "comparison.md").write_text(table)
         print(table)

@@ -179,7 +179,7 @@ class Trainer:
 
     def _buffer_settings(self) -> dict[str, Any]:
         s, a = self.cfg.sampler, self.cfg.algo
-        return {
+        settings = {
             "num_chunks": s.num_chunks,
             "latent_hw": list(self.latent_hw),
             "denoising_steps": list(s.denoising_steps),
@@ -191,6 +191,7 @@ class Trainer:
             "model_config": dataclasses.asdict(self.model.cfg),
             "base_checkpoint": self.cfg.model.checkpoint,
         }
+        return json.loads(json.dumps(settings))  # as stored in index.json (tuples become lists)
 
     def _prepare_buffer(self) -> ReplayBuffer:
         r = self.cfg.replay

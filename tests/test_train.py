@@ -133,8 +133,8 @@ def test_merge_writes_w0_plus_semi_plus_scaled_on(tmp_path):
     on = load_file(str(on_dir / adapters.ADAPTER_FILE))
     semi = load_file(str(semi_dir / adapters.ADAPTER_FILE))
     key = "blocks.0.self_attn.q"
-    d_on = on[f"base_model.model.{key}.lora_B.weight"] @ on[f"base_model.model.{key}.lora_A.weight"] * (8 / 4)
-    d_semi = semi[f"base_model.model.{key}.lora_B.weight"] @ semi[f"base_model.model.{key}.lora_A.weight"] * (8 / 4)
+    d_on = on[f"{key}.lora_B.weight"] @ on[f"{key}.lora_A.weight"] * (8 / 4)
+    d_semi = semi[f"{key}.lora_B.weight"] @ semi[f"{key}.lora_A.weight"] * (8 / 4)
     assert d_on.abs().max() > 0 and d_semi.abs().max() > 0
     torch.testing.assert_close(merged[f"{key}.weight"], w0[f"{key}.weight"] + d_semi + 0.8 * d_on, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(merged["head.head.weight"], w0["head.head.weight"])  # untouched by LoRA
