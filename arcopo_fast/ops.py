@@ -87,7 +87,7 @@ def _ext():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_attention_inputs(q, k, v, k_cache, v_cache, k_prefix, v_prefix):
+def _check_attention_inputs(q, k, v, k_cache, v_cache, k_prefix, v_prefix, prefix_rows):
     if q.ndim != 4:
         raise ValueError(f"q must be [B, Lq, H, D], got shape {tuple(q.shape)}")
     if k.shape != q.shape or v.shape != q.shape:
@@ -95,6 +95,8 @@ def _check_attention_inputs(q, k, v, k_cache, v_cache, k_prefix, v_prefix):
     for name, (kc, vc) in {"cache": (k_cache, v_cache), "prefix": (k_prefix, v_prefix)}.items():
         if (kc is None) != (vc is None):
             raise ValueError(f"k_{name} and v_{name} must be given together")
+        if name == "prefix" and kc is not None and prefix_rows is None:
+            raise ValueError("prefix_rows (int32 [B]: the parent row of each query row) is required with k_prefix")
         if kc is not None and (kc.ndim != 4 or kc.shape[2:] != q.shape[2:] or vc.shape != kc.shape):
             raise ValueError(
                 f"k_{name}/v_{name} must be [rows, Lmax, H={q.shape[2]}, D={q.shape[3]}], "
@@ -131,7 +133,7 @@ def chunk_attention(
         |<- k_prefix[prefix_rows[b], :prefix_len] ->|<- k_cache[cache_rows[b], :cache_len] ->|<- k[b] ->|
     Returns [B, Lq, H, D] in q's dtype.
     """
-    _check_attention_inputs(q, k, v, k_cache, v_cache, k_prefix, v_prefix)
+    _check_attention_inputs(q, k, v, k_cache, v_cache, k_prefix, v_prefix, prefix_rows)
     be = resolve_backend(q, backend, op="chunk_attention")
     args = (k_cache, v_cache, cache_len, cache_rows, k_prefix, v_prefix, prefix_len, prefix_rows)
     if be == "triton":

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 
 class MeanRed:
     """Mean of the red channel (a smooth, learnable reward)."""

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from model_helpers import make_tiny_model
 from safetensors.torch import save_file
 
 from arcopo_fast.model.checkpoint import (

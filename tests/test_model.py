@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from model_helpers import make_tiny_model
 
 from arcopo_fast.model.config import get_preset
 from arcopo_fast.model.kv_cache import KVCache

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from model_helpers import make_tiny_model
 
 from arcopo_fast.rl.rollout import RolloutEngine
 from arcopo_fast.rl.update import anchor_predictions, group_loss, sample_anchors
@@ -48,7 +48,6 @@ def test_forked_rollout_equals_independent_rollouts_with_the_same_noises():
     eng, cross1 = _engine()
     pivot = 1
     s = eng.rollout(cross1, group=3, pivot=pivot)
-    F = eng.model.cfg.chunk_frames
     for i in (0, 3):
         e_i = eng.perturbed_noise(3, pivot, torch.tensor([i]))
         seen = list(eng.sampler.stream(cross1, num_chunks=L, latent_hw=HW, samples=[3], initial_noise={pivot: e_i}, record=True))

@@ -1,0 +1,1047 @@
+"""Block attention kernels: KV-cached chunk attention and full-sequence block-causal attention.
+
+Forward and backward in Triton, with the flash-attention recurrence (online softmax, fp32 accumulation,
+log-sum-exp saved for the backward). Written from the papers and the public design of Triton's
+fused-attention tutorial; none of its code is copied:
+  - FlashAttention (Dao et al., 2022), FlashAttention-2 (Dao, 2023): tiling, online softmax, the
+    dq / dk-dv split of the backward with the row statistic delta = rowsum(dO * O).
+  - Triton tutorial 06 (fused attention): a constexpr separates unmasked tiles from masked ones; exp2 with
+    log2(e) folded into the scale; autotuned forward, fixed-constant backward.
+
+Two ops (arcopo_fast.ops dispatches to them; kernels/reference.py has the torch references):
+
+1. chunk_attention: a chunk's queries attend, without a mask, to three key segments per batch row b
+
+       |<- k_prefix[prefix_rows[b], :prefix_len_b] ->|<- k_cache[cache_rows[b], :cache_len_b] ->|<- k[b] ->|
+           zero-copy fork: a parent's prefix               the row's own KV cache                  the chunk
+
+   One kernel walks the segments in turn. Rows are read through an int32 row table (no gather copy), and
+   lengths come as ints or device tensors (no host sync). Inside a segment the full tiles run without a
+   mask; only a segment's tail tile is masked. Gradients go to q, k, v only: the prefix and cache are
+   constants, so the backward does no dk/dv work on them (SDPA on the concatenation does that work and
+   throws it away). The dq kernel walks all segments; the dk/dv kernel covers only the chunk's own keys.
+
+2. block_causal_attention: teacher forcing over a whole sequence. A query of chunk c sees the keys of
+   chunks <= c. The last chunk may be partial. Tiles above the block diagonal are never visited:
+
+       keys ->     c0        c1        c2 (partial)
+       c0       [#### ...][         ][      ]       #  = attend; tiles over blank areas are skipped
+       c1       [#### ...][#### ... ][      ]       tiles that straddle a chunk edge are the only masked
+       c2       [#### ...][#### ... ][######]       ones (they take the MASKED=True code path)
+
+   At inference the same structure comes from chunk_attention with the KV cache: chunk c's queries see
+   [cache = chunks < c ; own chunk c]. So row c of the drawing is one chunk_attention call with
+   cache_len = c * chunk_tokens.
+
+Scheduling. The forward grid is (q tiles, B * H). Program 0 runs fastest, so neighbouring programs are
+q tiles of the same (b, h) and share its K/V in L2. At the production shape (Lq 4680, H 12, D 128) B=1
+gives 37 q tiles x 12 heads = 444 programs at BLOCK_M=128 (888 at 64): 3.4 waves on 132 SMs. There is
+enough parallelism, so split-KV (flash-decoding) is not used: it pays only when programs < SMs, as in
+decoding with a few queries, and costs a second reduction pass. Lk changes the work per program, not the
+program count. The block-causal kernels launch the heaviest q tiles first (reverse order) to shorten the
+tail of the last wave.
+
+No host syncs: lengths and row tables are read in-kernel (int lengths are kernel scalars), and shapes
+decide the grid. The launches can be captured in a CUDA graph. Warm the autotuner up first: its first
+call per key benchmarks the configs.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_HEAD_DIMS = (16, 32, 64, 128)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# "Minus infinity" for the running max: finite, so a tile whose entries are all masked yields
+# exp2(-inf - m) = 0 and never -inf - (-inf) = NaN.
+_M_INIT = tl.constexpr(-1.0e30)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _gpu_tiles() -> bool:
+    """GPU tile sizes (autotuned forward, BWD_* constants) rather than INTERPRET_BLOCKS. A function so that
+    a test can run the GPU launch path, configs included, under the interpreter."""
+    return not _interpreting()
+
+
+# Tile sizes under the CPU interpreter: small, so tests cover many tile boundaries on tiny shapes. They
+# are module-level so that tests can change them (BLOCK_M != BLOCK_N exercises more of the tile logic).
+INTERPRET_BLOCKS = {"fwd": (16, 16), "dq": (16, 16), "dkdv": (16, 16)}
+
+# Backward tile sizes on the GPU (fixed constants, as in Triton's tutorial): (BLOCK_M, BLOCK_N, warps,
+# stages). dq: a long-lived q tile walks thin key tiles; dk/dv: a long-lived key tile walks thin q tiles.
+# Chosen by compiling for sm_90 with triton 3.6 and 3.9 on a machine without a GPU (cuobjdump -res-usage,
+# see test_kernels_compile_for_sm90_without_a_gpu): no register spills at D=64/128 (the tutorial's 4-warp
+# variants spill 0.6-1.1 KB at D=128). NOT TIMED on a GPU yet.
+BWD_DQ_CONFIG = {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (128, 64, 8, 3), 128: (128, 32, 8, 3)}
+BWD_DKDV_CONFIG = {16: (32, 64, 4, 3), 32: (32, 64, 4, 3), 64: (64, 128, 8, 3), 128: (32, 128, 8, 3)}
+
+
+def _empty(shape, *, dtype, device) -> torch.Tensor:
+    """Every output buffer of this module comes from here (tests patch it to poison outputs with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward autotune configs (GPU only; the interpreter uses INTERPRET_BLOCKS)
+# ---------------------------------------------------------------------------------------------------------
+
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm in (64, 128)
+    for bn in (64, 128)
+    for w in (4, 8)
+    for s in (2, 3, 4)
+]
+_SMEM_BUDGET = 227 * 1024  # bytes: sm_90's per-block maximum
+
+
+def _keep_fwd_config(conf: triton.Config, head_dim: int, lq_bucket: int, elem_bytes: int) -> bool:
+    """Drop configs that cannot fit or that spill. Calibrated by compiling the 3-segment chunk kernel for
+    sm_90 (no GPU needed): at D=128 the 4-warp 128x64 and 128x128 configs spill with triton 3.6 and 3.9,
+    64x128 with 3.9. Every kept config compiles without spills with 3.6 (16 bytes at most with 3.9)."""
+    bm, bn, w, s = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], conf.num_warps, conf.num_stages
+    # q tile + num_stages buffers of the K and V tiles (what triton allocates, checked as above)
+    smem = (bm * head_dim + s * 2 * bn * head_dim) * elem_bytes
+    regs = (bm * head_dim + bm * bn) // (32 * w)  # fp32 accumulator + score tile, per thread
+    if smem > _SMEM_BUDGET or regs > 128 or (w == 4 and regs >= 128):
+        return False
+    return bm <= max(64, lq_bucket)
+
+
+def _prune_fwd_configs(configs, named_args, **kwargs):
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    lq_bucket = named_args.get("LQ_BUCKET", 1 << 30)
+    elem = named_args["Q"].element_size()
+    kept = [c for c in configs if _keep_fwd_config(c, head_dim, lq_bucket, elem)]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+
+
+def _autotuned(kernel, extra_keys=()):
+    # Keys are shape parameters only (the autotuner adds every tensor argument's dtype).
+    return triton.autotune(
+        configs=_FWD_CONFIGS,
+        key=["HEAD_DIM", "LQ_BUCKET", "BH", *extra_keys],
+        prune_configs_by={"early_config_prune": _prune_fwd_configs},
+    )(kernel)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared tile loops
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PREC: tl.constexpr):
+    """a @ b + acc with fp32 accumulation. DOT_PREC "upcast" feeds fp32 copies: the CPU interpreter of
+    triton 3.9 multiplies bf16 operands as their raw uint16 bits, and bf16 x bf16 products are exact in fp32,
+    so the result equals the tensor-core one (up to summation order)."""
+    if DOT_PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _cast(x, dtype, DOT_PREC: tl.constexpr):
+    """x.to(dtype) rounding to nearest even. Under "upcast" (interpreter + bf16) the rounding is done here
+    on the fp32 bits: triton 3.9's interpreter truncates fp32 -> bf16, the GPU rounds to nearest."""
+    if DOT_PREC == "upcast":
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q,
+    K, V, stride_kn, stride_vn,  # K, V: base of one (row, head) of a [*, Lk, *, D] tensor
+    lo, hi,  # key tiles [lo, hi), lo a multiple of BLOCK_N
+    key_limit,  # MASKED: keys >= key_limit are not loaded
+    row_limit,  # MASKED and ROW_LIMIT: [BLOCK_M] per-query exclusive key bound (block-causal)
+    offs_n, offs_d, qk_scale,
+    MASKED: tl.constexpr, ROW_LIMIT: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) over key tiles [lo, hi). Scores are in log2 units."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k_ptrs = K + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = V + cols[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            kmask = (cols < key_limit)[:, None]
+            k = _cast(tl.load(k_ptrs, mask=kmask, other=0.0), q.dtype, DOT_PREC)
+        else:
+            k = _cast(tl.load(k_ptrs), q.dtype, DOT_PREC)
+        qk = _mma(q, tl.trans(k), None, DOT_PREC)
+        if MASKED:
+            if ROW_LIMIT:
+                valid = cols[None, :] < row_limit[:, None]
+            else:
+                valid = cols[None, :] < key_limit
+            qk = tl.where(valid, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_ij[:, None])
+        else:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0 (checked by the launcher)
+            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = _cast(tl.load(v_ptrs, mask=kmask, other=0.0), q.dtype, DOT_PREC)
+        else:
+            v = _cast(tl.load(v_ptrs), q.dtype, DOT_PREC)
+        acc = acc * alpha[:, None]
+        acc = _mma(_cast(p, q.dtype, DOT_PREC), v, acc, DOT_PREC)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _dq_tiles(
+    dq, q, do, lse2, delta,
+    K, V, stride_kn, stride_vn,
+    lo, hi, key_limit, row_limit, offs_n, offs_d, qk_scale,
+    MASKED: tl.constexpr, ROW_LIMIT: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dq += dS K over key tiles [lo, hi), dS = P * (dO V^T - delta) (scale applied by the caller)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k_ptrs = K + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = V + cols[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            kmask = (cols < key_limit)[:, None]
+            k = _cast(tl.load(k_ptrs, mask=kmask, other=0.0), q.dtype, DOT_PREC)
+            v = _cast(tl.load(v_ptrs, mask=kmask, other=0.0), q.dtype, DOT_PREC)
+        else:
+            k = _cast(tl.load(k_ptrs), q.dtype, DOT_PREC)
+            v = _cast(tl.load(v_ptrs), q.dtype, DOT_PREC)
+        qk = _mma(q, tl.trans(k), None, DOT_PREC)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            if ROW_LIMIT:
+                valid = cols[None, :] < row_limit[:, None]
+            else:
+                valid = cols[None, :] < key_limit
+            p = tl.where(valid, p, 0.0)
+        dp = _mma(do, tl.trans(v), None, DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(_cast(ds, q.dtype, DOT_PREC), k, dq, DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _dkdv_tiles(
+    dk, dv, k, v, cols,
+    Q, DO, LSE, DELTA, stride_qm, stride_dom,  # Q, DO: base of one (row, head); LSE, DELTA: of one (b, h)
+    lo, hi, q_limit, chunk_tokens, offs_m, offs_d, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dv += P^T dO and dk += dS^T Q over query tiles [lo, hi) (dk's scale applied by the caller).
+    Masked-out query rows load q = dO = lse = delta = 0, which makes their contributions exactly 0."""
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        q_ptrs = Q + rows[:, None] * stride_qm + offs_d[None, :]
+        do_ptrs = DO + rows[:, None] * stride_dom + offs_d[None, :]
+        if MASKED:
+            rmask = rows < q_limit
+            q = tl.load(q_ptrs, mask=rmask[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=rmask[:, None], other=0.0)
+            lse2 = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + rows, mask=rmask, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse2 = tl.load(LSE + rows) * 1.4426950408889634
+            delta = tl.load(DELTA + rows)
+        qkT = _mma(k, tl.trans(q), None, DOT_PREC)  # [BLOCK_N, BLOCK_M]
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if MASKED:
+            if CAUSAL:
+                kend = tl.minimum((rows // chunk_tokens + 1) * chunk_tokens, q_limit)
+                pT = tl.where(cols[:, None] < kend[None, :], pT, 0.0)
+        dv = _mma(_cast(pT, q.dtype, DOT_PREC), do, dv, DOT_PREC)
+        dpT = _mma(v, tl.trans(do), None, DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _mma(_cast(dsT, q.dtype, DOT_PREC), q, dk, DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _segment(
+    KX, VX, ROWS, LENS, len_scalar, len_stride, len_max, b, h,
+    stride_kb, stride_kh, stride_vb, stride_vh,
+    HAS_ROWS: tl.constexpr, LEN_PTR: tl.constexpr,
+):
+    """(K base, V base, valid length) of batch row b's segment: row ROWS[b] (or b), length clamped."""
+    if HAS_ROWS:
+        r = tl.load(ROWS + b).to(tl.int64)
+    else:
+        r = b.to(tl.int64)
+    if LEN_PTR:
+        n = tl.load(LENS + b * len_stride).to(tl.int32)
+    else:
+        n = len_scalar
+    n = tl.minimum(tl.maximum(n, 0), len_max)
+    return KX + r * stride_kb + h * stride_kh, VX + r * stride_vb + h * stride_vh, n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chunk attention: forward, dq, dk/dv
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["cache_len", "prefix_len"])
+def _chunk_attn_fwd_kernel(
+    Q, K, V, Out, Lse,  # Q, K, V, Out: [B, Lq, H, D]; Lse: [B, H, Lq] fp32 (natural log)
+    KC, VC, CLEN, CROWS,  # cache [Rc, Lc, H, D] x2; CLEN int [B] or [1] (if CLEN_PTR); CROWS int [B]
+    KP, VP, PLEN, PROWS,  # prefix [Rp, Lp, H, D] x2; PLEN, PROWS as above
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    stride_kcb, stride_kcn, stride_kch,
+    stride_vcb, stride_vcn, stride_vch,
+    stride_kpb, stride_kpn, stride_kph,
+    stride_vpb, stride_vpn, stride_vph,
+    cache_len, clen_stride, cache_max,
+    prefix_len, plen_stride, prefix_max,
+    H, Lq, qk_scale,
+    LQ_BUCKET, BH,  # autotune keys only
+    HAS_CACHE: tl.constexpr, CLEN_PTR: tl.constexpr, CACHE_ROWS: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, PLEN_PTR: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # grid: (cdiv(Lq, BLOCK_M), B * H)
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Lq
+    q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    unused = offs_m  # row_limit placeholder (ROW_LIMIT=False)
+
+    if HAS_PREFIX:
+        kp, vp, n = _segment(KP, VP, PROWS, PLEN, prefix_len, plen_stride, prefix_max, b, h,
+                             stride_kpb, stride_kph, stride_vpb, stride_vph, True, PLEN_PTR)
+        n_full = (n // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kp, vp, stride_kpn, stride_vpn, 0, n_full, n, unused,
+                                   offs_n, offs_d, qk_scale, False, False, BLOCK_N, DOT_PREC)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kp, vp, stride_kpn, stride_vpn, n_full, n, n, unused,
+                                   offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
+    if HAS_CACHE:
+        kc, vc, n = _segment(KC, VC, CROWS, CLEN, cache_len, clen_stride, cache_max, b, h,
+                             stride_kcb, stride_kch, stride_vcb, stride_vch, CACHE_ROWS, CLEN_PTR)
+        n_full = (n // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kc, vc, stride_kcn, stride_vcn, 0, n_full, n, unused,
+                                   offs_n, offs_d, qk_scale, False, False, BLOCK_N, DOT_PREC)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kc, vc, stride_kcn, stride_vcn, n_full, n, n, unused,
+                                   offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
+    # the chunk's own keys: every query sees all Lq of them
+    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    n_full = (Lq // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, 0, n_full, Lq, unused,
+                               offs_n, offs_d, qk_scale, False, False, BLOCK_N, DOT_PREC)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, n_full, Lq, Lq, unused,
+                               offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
+
+    acc = acc / l_i[:, None]
+    o_base = Out + b.to(tl.int64) * stride_ob + h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], _cast(acc, Out.dtype.element_ty, DOT_PREC),
+             mask=row_ok[:, None])
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
+    tl.store(Lse + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    Out, DO, Delta,  # Out, DO: [B, L, H, D]; Delta: [B, H, L] fp32
+    stride_ob, stride_on, stride_oh, stride_dob, stride_don, stride_doh,
+    H, L, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # grid: (cdiv(L, BLOCK_M), B * H); delta = rowsum(dO * O), the softmax-backward row term
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_m < L
+    o = tl.load(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * L + offs_m, delta, mask=ok)
+
+
+@triton.jit(do_not_specialize=["cache_len", "prefix_len"])
+def _chunk_attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, Lse, Delta,  # Q, K, V, DQ: [B, Lq, H, D]; DO strided like Out; Lse, Delta [B, H, Lq]
+    KC, VC, CLEN, CROWS, KP, VP, PLEN, PROWS,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don, stride_doh,
+    stride_dqb, stride_dqn, stride_dqh,
+    stride_kcb, stride_kcn, stride_kch,
+    stride_vcb, stride_vcn, stride_vch,
+    stride_kpb, stride_kpn, stride_kph,
+    stride_vpb, stride_vpn, stride_vph,
+    cache_len, clen_stride, cache_max,
+    prefix_len, plen_stride, prefix_max,
+    H, Lq, qk_scale, sm_scale,
+    HAS_CACHE: tl.constexpr, CLEN_PTR: tl.constexpr, CACHE_ROWS: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, PLEN_PTR: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # grid: (cdiv(Lq, BLOCK_M), B * H); walks the same segments as the forward
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Lq
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(Lse + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    unused = offs_m
+
+    if HAS_PREFIX:
+        kp, vp, n = _segment(KP, VP, PROWS, PLEN, prefix_len, plen_stride, prefix_max, b, h,
+                             stride_kpb, stride_kph, stride_vpb, stride_vph, True, PLEN_PTR)
+        n_full = (n // BLOCK_N) * BLOCK_N
+        dq = _dq_tiles(dq, q, do, lse2, delta, kp, vp, stride_kpn, stride_vpn, 0, n_full, n, unused,
+                       offs_n, offs_d, qk_scale, False, False, BLOCK_N, DOT_PREC)
+        dq = _dq_tiles(dq, q, do, lse2, delta, kp, vp, stride_kpn, stride_vpn, n_full, n, n, unused,
+                       offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
+    if HAS_CACHE:
+        kc, vc, n = _segment(KC, VC, CROWS, CLEN, cache_len, clen_stride, cache_max, b, h,
+                             stride_kcb, stride_kch, stride_vcb, stride_vch, CACHE_ROWS, CLEN_PTR)
+        n_full = (n // BLOCK_N) * BLOCK_N
+        dq = _dq_tiles(dq, q, do, lse2, delta, kc, vc, stride_kcn, stride_vcn, 0, n_full, n, unused,
+                       offs_n, offs_d, qk_scale, False, False, BLOCK_N, DOT_PREC)
+        dq = _dq_tiles(dq, q, do, lse2, delta, kc, vc, stride_kcn, stride_vcn, n_full, n, n, unused,
+                       offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
+    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    n_full = (Lq // BLOCK_N) * BLOCK_N
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 0, n_full, Lq, unused,
+                   offs_n, offs_d, qk_scale, False, False, BLOCK_N, DOT_PREC)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, n_full, Lq, Lq, unused,
+                   offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+             _cast(dq, DQ.dtype.element_ty, DOT_PREC), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, DK, DV, Lse, Delta,  # [B, L, H, D] (DK, DV like K, V); Lse, Delta [B, H, L] fp32
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don, stride_doh,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh,
+    H, L, chunk_tokens, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr,  # False: chunk attention (every query sees every own key); True: block-causal
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # grid: (cdiv(L, BLOCK_N), B * H); only the chunk's own keys (chunk attention) get dk/dv
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_n = pid_n * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = cols < L
+    k = tl.load(K + b.to(tl.int64) * stride_kb + h * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + cols[:, None] * stride_vn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+    do_base = DO + b.to(tl.int64) * stride_dob + h * stride_doh
+    lse_base = Lse + bh.to(tl.int64) * L
+    delta_base = Delta + bh.to(tl.int64) * L
+    l_floor = (L // BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        # Queries of chunks before this tile's first key's chunk see none of it; queries from the chunk of
+        # its last key on see all of it; in between (and on the sequence's tail tile) a mask is needed.
+        j_last = tl.minimum(start_n + BLOCK_N, L) - 1
+        q_lo = ((start_n // chunk_tokens) * chunk_tokens // BLOCK_M) * BLOCK_M
+        q_mid = tl.minimum(tl.cdiv((j_last // chunk_tokens) * chunk_tokens, BLOCK_M) * BLOCK_M,
+                           tl.cdiv(L, BLOCK_M) * BLOCK_M)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
+                             q_lo, q_mid, L, chunk_tokens, offs_m, offs_d, qk_scale,
+                             True, True, BLOCK_M, DOT_PREC)
+    else:
+        q_mid = 0
+    q_full_end = tl.maximum(q_mid, l_floor)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
+                         q_mid, q_full_end, L, chunk_tokens, offs_m, offs_d, qk_scale,
+                         False, CAUSAL, BLOCK_M, DOT_PREC)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
+                         q_full_end, L, L, chunk_tokens, offs_m, offs_d, qk_scale,
+                         True, CAUSAL, BLOCK_M, DOT_PREC)
+    dk = dk * sm_scale
+    tl.store(DK + b.to(tl.int64) * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :],
+             _cast(dk, DK.dtype.element_ty, DOT_PREC), mask=col_ok[:, None])
+    tl.store(DV + b.to(tl.int64) * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :],
+             _cast(dv, DV.dtype.element_ty, DOT_PREC), mask=col_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Block-causal attention: forward, dq (dk/dv: _dkdv_kernel with CAUSAL=True)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block_causal_fwd_kernel(
+    Q, K, V, Out, Lse,  # [B, L, H, D]; Lse [B, H, L] fp32
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    H, L, chunk_tokens, qk_scale,
+    LQ_BUCKET, BH,  # autotune keys only
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # grid: (cdiv(L, BLOCK_M), B * H), heaviest (last) q tiles first
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < L
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    # keys [0, lo_end) are visible to every row of the tile; [lo_end, hi_end) to some of them
+    kend = tl.minimum((offs_m // chunk_tokens + 1) * chunk_tokens, L)
+    lo_end = tl.minimum((start_m // chunk_tokens + 1) * chunk_tokens, L)
+    i_last = tl.minimum(start_m + BLOCK_M, L) - 1
+    hi_end = tl.minimum((i_last // chunk_tokens + 1) * chunk_tokens, L)
+    n_full = (lo_end // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, 0, n_full, L, kend,
+                               offs_n, offs_d, qk_scale, False, True, BLOCK_N, DOT_PREC)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, n_full, hi_end, hi_end,
+                               kend, offs_n, offs_d, qk_scale, True, True, BLOCK_N, DOT_PREC)
+    acc = acc / l_i[:, None]
+    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+             _cast(acc, Out.dtype.element_ty, DOT_PREC), mask=row_ok[:, None])
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _block_causal_bwd_dq_kernel(
+    Q, K, V, DO, DQ, Lse, Delta,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don, stride_doh,
+    stride_dqb, stride_dqn, stride_dqh,
+    H, L, chunk_tokens, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # grid: (cdiv(L, BLOCK_M), B * H), heaviest q tiles first; same key ranges as the forward
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < L
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+    kend = tl.minimum((offs_m // chunk_tokens + 1) * chunk_tokens, L)
+    lo_end = tl.minimum((start_m // chunk_tokens + 1) * chunk_tokens, L)
+    i_last = tl.minimum(start_m + BLOCK_M, L) - 1
+    hi_end = tl.minimum((i_last // chunk_tokens + 1) * chunk_tokens, L)
+    n_full = (lo_end // BLOCK_N) * BLOCK_N
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 0, n_full, L, kend,
+                   offs_n, offs_d, qk_scale, False, True, BLOCK_N, DOT_PREC)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, n_full, hi_end, hi_end, kend,
+                   offs_n, offs_d, qk_scale, True, True, BLOCK_N, DOT_PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+             _cast(dq, DQ.dtype.element_ty, DOT_PREC), mask=row_ok[:, None])
+
+
+# HAS_CACHE / HAS_PREFIX separate a video's first chunk (Lk = Lq) from the later ones.
+_chunk_attn_fwd_tuned = _autotuned(_chunk_attn_fwd_kernel, ("HAS_CACHE", "HAS_PREFIX"))
+_block_causal_fwd_tuned = _autotuned(_block_causal_fwd_kernel)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _s3(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch/row, token, head) strides of a [*, L, H, D] tensor whose last dim is contiguous."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    # fp32 inputs would use TF32 tensor cores by default on the GPU: 2^-11 relative error, far above
+    # torch's fp32 error. Half types ignore the setting. "upcast": see _mma (interpreter bf16 bug).
+    if dtype == torch.bfloat16 and _interpreting():
+        return "upcast"
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _lq_bucket(n: int) -> int:
+    return min(triton.next_power_of_2(max(n, 1)), 8192)
+
+
+class _DeviceGuard:
+    """Launch on the tensors' GPU (Triton launches on the current device)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.ctx = torch.cuda.device(t.device) if t.is_cuda else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _prep_qkv(q, k, v, name_q="q"):
+    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k, v must share a [B, L, H, D] shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype in {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] not in _HEAD_DIMS:
+        raise ValueError(f"head dim (last dim of {name_q}) must be one of {_HEAD_DIMS}, got {q.shape[-1]}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not (q.is_cuda or _interpreting()):
+        raise RuntimeError("block_attn kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1")
+    # Only the head dim must be contiguous: token/head/batch strides are kernel arguments.
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+
+
+def _scale(scale: float | None, head_dim: int) -> float:
+    s = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not s > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    return s
+
+
+@dataclass
+class _Segment:
+    """One constant key segment: k, v [R, Lmax, H, D], length (int or int tensor [B]/[1]), rows int [B]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int | torch.Tensor
+    rows: torch.Tensor | None
+
+    def kernel_args(self):
+        """(K, V, LEN, ROWS), strides, (len_scalar, len_stride, len_max), (LEN_PTR, HAS_ROWS)"""
+        len_ptr = isinstance(self.length, torch.Tensor)
+        lens = self.length if len_ptr else self.k  # any pointer when unused
+        rows = self.rows if self.rows is not None else self.k
+        len_stride = self.length.stride(0) if len_ptr and self.length.numel() > 1 else 0
+        scalar = 0 if len_ptr else int(self.length)
+        return (
+            (self.k, self.v, lens, rows),
+            (*_s3(self.k), *_s3(self.v)),
+            (scalar, len_stride, self.k.shape[1]),
+            (len_ptr, self.rows is not None),
+        )
+
+
+def _make_segment(name, kx, vx, length, rows, q, *, rows_required):
+    """Validate one segment (k_<name>, v_<name>, <name>_len, <name>_rows); None when absent or empty."""
+    if (kx is None) != (vx is None):
+        raise ValueError(f"k_{name} and v_{name} must be given together")
+    if kx is None:
+        return None
+    B, _, H, D = q.shape
+    if kx.ndim != 4 or kx.shape[2:] != q.shape[2:] or vx.shape != kx.shape:
+        raise ValueError(
+            f"k_{name}/v_{name} must be [rows, Lmax, H={H}, D={D}], got {tuple(kx.shape)} and {tuple(vx.shape)}"
+        )
+    if kx.device != q.device or vx.device != q.device:
+        raise ValueError(f"k_{name}/v_{name} must be on q's device {q.device}, got {kx.device}, {vx.device}")
+    if kx.dtype not in _DTYPES or vx.dtype not in _DTYPES:
+        raise ValueError(f"k_{name}/v_{name} dtype must be one of {_DTYPES}, got {kx.dtype}, {vx.dtype}")
+    if kx.stride(-1) != 1 or vx.stride(-1) != 1:
+        raise ValueError(f"k_{name}/v_{name} must be contiguous in the head dim (stride(-1) == 1)")
+    if torch.is_grad_enabled() and (kx.requires_grad or vx.requires_grad):
+        raise ValueError(f"k_{name}/v_{name} are constants here (no gradient); pass them detached")
+    if isinstance(length, torch.Tensor):
+        if length.ndim > 1 or length.numel() not in (1, B) or length.dtype.is_floating_point or length.dtype == torch.bool:
+            raise ValueError(f"{name}_len must be an int or an integer tensor of shape [{B}] or [1], got "
+                             f"{length.dtype} {tuple(length.shape)}")
+        if length.device != q.device:
+            raise ValueError(f"{name}_len must be on q's device {q.device}, got {length.device}")
+    else:
+        length = int(length)
+        if not 0 <= length <= kx.shape[1]:
+            raise ValueError(f"{name}_len must be in [0, {kx.shape[1]}] (k_{name}.shape[1]), got {length}")
+        if length == 0:
+            return None
+    if rows is None:
+        if rows_required:
+            raise ValueError(f"{name}_rows is required with k_{name} (int32 [B]: the row each query row reads)")
+        if kx.shape[0] < B:
+            raise ValueError(f"k_{name} has {kx.shape[0]} rows for a batch of {B}; pass {name}_rows")
+    else:
+        if rows.shape != (B,) or rows.dtype.is_floating_point or rows.dtype == torch.bool:
+            raise ValueError(f"{name}_rows must be an integer tensor of shape [{B}], got {rows.dtype} {tuple(rows.shape)}")
+        if rows.device != q.device:
+            raise ValueError(f"{name}_rows must be on q's device {q.device}, got {rows.device}")
+        rows = rows.contiguous()  # read as ROWS + b
+    return _Segment(kx, vx, length, rows)
+
+
+def _segment_args(seg: _Segment | None, q: torch.Tensor):
+    if seg is None:  # dummies, never read (HAS_* = False)
+        return (q, q, q, q), (0,) * 6, (0, 0, 0), (False, False)
+    return seg.kernel_args()
+
+
+def _chunk_fwd(q, k, v, cache: _Segment | None, prefix: _Segment | None, scale: float):
+    B, Lq, H, D = q.shape
+    out = _empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
+    lse = _empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if B * H * Lq == 0:
+        return out, lse
+    (kc, vc, clen, crows), c_strides, c_lens, (clen_ptr, c_rows) = _segment_args(cache, q)
+    (kp, vp, plen, prows), p_strides, p_lens, (plen_ptr, _) = _segment_args(prefix, q)
+    args = (
+        q, k, v, out, lse, kc, vc, clen, crows, kp, vp, plen, prows,
+        *_s3(q), *_s3(k), *_s3(v), *_s3(out), *c_strides, *p_strides, *c_lens, *p_lens,
+        H, Lq, scale * LOG2E, _lq_bucket(Lq), B * H,
+    )
+    flags = dict(
+        HAS_CACHE=cache is not None, CLEN_PTR=clen_ptr, CACHE_ROWS=c_rows,
+        HAS_PREFIX=prefix is not None, PLEN_PTR=plen_ptr, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype),
+    )
+    with _DeviceGuard(q):
+        if not _gpu_tiles():
+            bm, bn = INTERPRET_BLOCKS["fwd"]
+            _chunk_attn_fwd_kernel[(triton.cdiv(Lq, bm), B * H)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn)
+        else:
+            grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+            _chunk_attn_fwd_tuned[grid](*args, **flags)
+    return out, lse
+
+
+def _bwd_delta(out, do, lse_shape):
+    B, L, H, D = out.shape
+    delta = _empty(lse_shape, dtype=torch.float32, device=out.device)
+    bm = 64 if _gpu_tiles() else 16
+    _bwd_delta_kernel[(triton.cdiv(L, bm), B * H)](out, do, delta, *_s3(out), *_s3(do), H, L,
+                                                   HEAD_DIM=D, BLOCK_M=bm)
+    return delta
+
+
+def _bwd_blocks(kind: str, head_dim: int):
+    if not _gpu_tiles():
+        bm, bn = INTERPRET_BLOCKS[kind]
+        return dict(BLOCK_M=bm, BLOCK_N=bn)
+    bm, bn, w, s = (BWD_DQ_CONFIG if kind == "dq" else BWD_DKDV_CONFIG)[head_dim]
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+
+
+def _prep_do(do: torch.Tensor) -> torch.Tensor:
+    return do if do.stride(-1) == 1 else do.contiguous()
+
+
+def _chunk_bwd(do, q, k, v, out, lse, cache, prefix, scale, need_dq, need_dkdv):
+    B, Lq, H, D = q.shape
+    dq = dk = dv = None
+    if B * H * Lq == 0:
+        z = lambda: torch.zeros_like(q)
+        return z() if need_dq else None, z() if need_dkdv else None, z() if need_dkdv else None
+    do = _prep_do(do)
+    prec = _dot_prec(q.dtype)
+    with _DeviceGuard(q):
+        delta = _bwd_delta(out, do, lse.shape)
+        if need_dq:
+            dq = _empty(q.shape, dtype=q.dtype, device=q.device)
+            (kc, vc, clen, crows), c_strides, c_lens, (clen_ptr, c_rows) = _segment_args(cache, q)
+            (kp, vp, plen, prows), p_strides, p_lens, (plen_ptr, _) = _segment_args(prefix, q)
+            blk = _bwd_blocks("dq", D)
+            _chunk_attn_bwd_dq_kernel[(triton.cdiv(Lq, blk["BLOCK_M"]), B * H)](
+                q, k, v, do, dq, lse, delta, kc, vc, clen, crows, kp, vp, plen, prows,
+                *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dq), *c_strides, *p_strides, *c_lens, *p_lens,
+                H, Lq, scale * LOG2E, scale,
+                HAS_CACHE=cache is not None, CLEN_PTR=clen_ptr, CACHE_ROWS=c_rows,
+                HAS_PREFIX=prefix is not None, PLEN_PTR=plen_ptr, HEAD_DIM=D, DOT_PREC=prec, **blk,
+            )
+        if need_dkdv:
+            dk, dv = _dkdv(do, q, k, v, lse, delta, Lq, scale, causal=False)
+    return dq, dk, dv
+
+
+def _dkdv(do, q, k, v, lse, delta, chunk_tokens, scale, *, causal):
+    B, L, H, D = q.shape
+    dk = _empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = _empty(v.shape, dtype=v.dtype, device=v.device)
+    blk = _bwd_blocks("dkdv", D)
+    _dkdv_kernel[(triton.cdiv(L, blk["BLOCK_N"]), B * H)](
+        q, k, v, do, dk, dv, lse, delta,
+        *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dk), *_s3(dv),
+        H, L, chunk_tokens, scale * LOG2E, scale,
+        CAUSAL=causal, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype), **blk,
+    )
+    return dk, dv
+
+
+def _block_causal_fwd(q, k, v, chunk_tokens, scale):
+    B, L, H, D = q.shape
+    out = _empty((B, L, H, D), dtype=q.dtype, device=q.device)
+    lse = _empty((B, H, L), dtype=torch.float32, device=q.device)
+    if B * H * L == 0:
+        return out, lse
+    args = (q, k, v, out, lse, *_s3(q), *_s3(k), *_s3(v), *_s3(out), H, L, chunk_tokens, scale * LOG2E,
+            _lq_bucket(L), B * H)
+    with _DeviceGuard(q):
+        if not _gpu_tiles():
+            bm, bn = INTERPRET_BLOCKS["fwd"]
+            _block_causal_fwd_kernel[(triton.cdiv(L, bm), B * H)](
+                *args, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype), BLOCK_M=bm, BLOCK_N=bn)
+        else:
+            grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)
+            _block_causal_fwd_tuned[grid](*args, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype))
+    return out, lse
+
+
+def _block_causal_bwd(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_dkdv):
+    B, L, H, D = q.shape
+    dq = dk = dv = None
+    if B * H * L == 0:
+        z = lambda: torch.zeros_like(q)
+        return z() if need_dq else None, z() if need_dkdv else None, z() if need_dkdv else None
+    do = _prep_do(do)
+    with _DeviceGuard(q):
+        delta = _bwd_delta(out, do, lse.shape)
+        if need_dq:
+            dq = _empty(q.shape, dtype=q.dtype, device=q.device)
+            blk = _bwd_blocks("dq", D)
+            _block_causal_bwd_dq_kernel[(triton.cdiv(L, blk["BLOCK_M"]), B * H)](
+                q, k, v, do, dq, lse, delta, *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dq),
+                H, L, chunk_tokens, scale * LOG2E, scale, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype), **blk,
+            )
+        if need_dkdv:
+            dk, dv = _dkdv(do, q, k, v, lse, delta, chunk_tokens, scale, causal=True)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------------
+# autograd.Functions and the public API
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _ChunkAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cache, prefix, scale):
+        out, lse = _chunk_fwd(q, k, v, cache, prefix, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        # NOTE: the cache/prefix tensors are re-read by the backward and are deliberately not saved with
+        # save_for_backward: appending tokens past the read range between forward and backward (how a KV
+        # cache grows) is legal and must not trip autograd's version check. Overwriting the tokens that
+        # were read is not legal and is not detected.
+        ctx.segments = (cache, prefix)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        cache, prefix = ctx.segments
+        need = ctx.needs_input_grad
+        dq, dk, dv = _chunk_bwd(do, q, k, v, out, lse, cache, prefix, ctx.scale, need[0], need[1] or need[2])
+        return dq, dk, dv, None, None, None
+
+
+class _BlockCausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, chunk_tokens, scale):
+        out, lse = _block_causal_fwd(q, k, v, chunk_tokens, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.chunk_tokens, ctx.scale = chunk_tokens, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dq, dk, dv = _block_causal_bwd(do, q, k, v, out, lse, ctx.chunk_tokens, ctx.scale, need[0],
+                                       need[1] or need[2])
+        return dq, dk, dv, None, None
+
+
+def _chunk_inputs(q, k, v, k_cache, v_cache, cache_len, cache_rows, k_prefix, v_prefix, prefix_len, prefix_rows):
+    q, k, v = _prep_qkv(q, k, v)
+    cache = _make_segment("cache", k_cache, v_cache, cache_len, cache_rows, q, rows_required=False)
+    prefix = _make_segment("prefix", k_prefix, v_prefix, prefix_len, prefix_rows, q, rows_required=True)
+    return q, k, v, cache, prefix
+
+
+def chunk_attention_fwd(
+    q, k, v, k_cache=None, v_cache=None, cache_len=0, cache_rows=None,
+    k_prefix=None, v_prefix=None, prefix_len=0, prefix_rows=None, *, scale=None, return_lse=False,
+):
+    """Forward only, no autograd: out [B, Lq, H, D] (and lse [B, H, Lq] fp32, natural log, with return_lse).
+    Arguments as chunk_attention."""
+    q, k, v, cache, prefix = _chunk_inputs(q, k, v, k_cache, v_cache, cache_len, cache_rows,
+                                           k_prefix, v_prefix, prefix_len, prefix_rows)
+    out, lse = _chunk_fwd(q, k, v, cache, prefix, _scale(scale, q.shape[-1]))
+    return (out, lse) if return_lse else out
+
+
+def chunk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+    cache_len: int | torch.Tensor = 0,
+    cache_rows: torch.Tensor | None = None,
+    k_prefix: torch.Tensor | None = None,
+    v_prefix: torch.Tensor | None = None,
+    prefix_len: int | torch.Tensor = 0,
+    prefix_rows: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q [prefix ; cache ; k]^T * scale) [prefix ; cache ; v], unmasked, per batch row (autograd).
+
+    q, k, v:            [B, Lq, H, D]   fp16 / bf16 / fp32 (one dtype), D in {16, 32, 64, 128}; any strides
+                                        with a contiguous head dim. Gradients flow to q, k and v.
+    k_cache, v_cache:   [Rc, Lc, H, D]  or None. Constants: no gradient, no dk/dv work. Any of the three
+                                        float dtypes (cast to q's dtype on load).
+    cache_len:          int in [0, Lc], or an integer tensor [B] (or [1]) on q's device: valid tokens of
+                                        each row (read in-kernel, clamped to [0, Lc]; no host sync).
+    cache_rows:         integer tensor [B] or None: the cache row read by query row b (None: row b).
+    k_prefix, v_prefix: [Rp, Lp, H, D]  or None: a zero-copy fork's shared prefix, read before the cache.
+    prefix_len:         as cache_len, for the prefix.
+    prefix_rows:        integer tensor [B], required with k_prefix.
+    scale:              softmax scale, default 1/sqrt(D).
+
+    Key sequence of query row b (every query of the chunk sees all of it; no causal mask inside a chunk):
+
+        |<- k_prefix[prefix_rows[b], :prefix_len_b] ->|<- k_cache[cache_rows[b], :cache_len_b] ->|<- k[b] ->|
+
+    One call computes one row of the block-causal mask below (a query row of chunk c, keys by chunk).
+    Zero-copy fork at pivot chunk 2: the branches share the parent's chunks 0-1 as the prefix segment and
+    keep their own chunks 2.. in their cache rows; '.' = not attended (never loaded):
+
+        keys ->     c0     c1     c2     c3     c4
+        c0       [ own ][  .  ][  .  ][  .  ][  .  ]     (parent, before the fork: no prefix)
+        c1       [cache][ own ][  .  ][  .  ][  .  ]
+        c2       [ pre ][ pre ][ own ][  .  ][  .  ]     pre   = k_prefix[prefix_rows[b], :prefix_len_b]
+        c3       [ pre ][ pre ][cache][ own ][  .  ]     cache = k_cache[cache_rows[b], :cache_len_b]
+        c4       [ pre ][ pre ][cache][cache][ own ]     own   = k[b] (the chunk's queries see all of it)
+
+    Returns out [B, Lq, H, D] in q's dtype. Row indices and tensor lengths are not range-checked on the
+    host (that would sync); lengths are clamped in-kernel, out-of-range rows are undefined behaviour.
+    The backward re-reads the cache and prefix: do not overwrite the tokens read before it runs.
+    """
+    q, k, v, cache, prefix = _chunk_inputs(q, k, v, k_cache, v_cache, cache_len, cache_rows,
+                                           k_prefix, v_prefix, prefix_len, prefix_rows)
+    return _ChunkAttention.apply(q, k, v, cache, prefix, _scale(scale, q.shape[-1]))
+
+
+def _check_chunk_tokens(chunk_tokens) -> int:
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, numbers.Integral) or chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    return int(chunk_tokens)
+
+
+def block_causal_attention_fwd(q, k, v, chunk_tokens: int, *, scale=None, return_lse=False):
+    """Forward only, no autograd: out [B, L, H, D] (and lse [B, H, L] fp32, natural log, with return_lse)."""
+    q, k, v = _prep_qkv(q, k, v)
+    chunk_tokens = _check_chunk_tokens(chunk_tokens)
+    out, lse = _block_causal_fwd(q, k, v, chunk_tokens, _scale(scale, q.shape[-1]))
+    return (out, lse) if return_lse else out
+
+
+def block_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_tokens: int, *, scale: float | None = None
+) -> torch.Tensor:
+    """Full-sequence block-causal attention (teacher forcing), with autograd for q, k and v.
+
+    q, k, v:       [B, L, H, D]  fp16 / bf16 / fp32, D in {16, 32, 64, 128}; L need not be a multiple of
+                                 chunk_tokens (the last chunk is then partial).
+    chunk_tokens:  tokens per chunk: query i sees key j iff j < min((i // chunk_tokens + 1) * chunk_tokens, L).
+    scale:         softmax scale, default 1/sqrt(D).
+
+    The mask, with a KV-cache view: chunk c's row is what chunk_attention computes with the cache
+    holding chunks < c ("cache") and the chunk's own keys ("own"); '.' tiles are skipped, never loaded:
+
+        keys ->      c0      c1      c2
+        c0        [ own  ][  .   ][  .  ]
+        c1        [cache ][ own  ][  .  ]
+        c2        [cache ][cache ][ own ]   <- c2 may be partial
+
+    Returns out [B, L, H, D] in q's dtype.
+    """
+    q, k, v = _prep_qkv(q, k, v)
+    chunk_tokens = _check_chunk_tokens(chunk_tokens)
+    return _BlockCausalAttention.apply(q, k, v, chunk_tokens, _scale(scale, q.shape[-1]))
+
+
+__all__ = ["chunk_attention", "chunk_attention_fwd", "block_causal_attention", "block_causal_attention_fwd"]
