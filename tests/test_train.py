@@ -214,3 +214,28 @@ def test_two_rank_gloo_run(tmp_path, kind):
     rows = metrics(out)
     assert len(rows) == 2 and all(len(r["pivots"]) == 2 for r in rows)  # one group per rank, gathered
     assert checkpointing.read_state(out)["world_size"] == 2
+
+
+def test_non_finite_loss_skips_the_step_and_leaves_the_weights_alone(tmp_path):
+    cfg = load_config("tiny", None, tiny(tmp_path / "nf", "run.iterations=0"))
+    t = Trainer(cfg)
+    pool = __import__("concurrent.futures").futures.ThreadPoolExecutor(1)
+    samples, crosses, _ = t.rollout_groups(0, pool)
+    samples[0].x0_old[:, :, 0, 0, 0, 0] = float("nan")  # poisons every distance -> NaN loss
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+    out = t.update(0, samples, crosses)
+    assert out["skipped_steps"] == cfg.algo.epochs
+    assert all(torch.equal(before[n], p) for n, p in t.model.named_parameters() if p.requires_grad)
+
+
+def test_observability_outputs(tmp_path):
+    out = tmp_path / "obs"
+    train(out, "run.iterations=2", "run.tensorboard=true", "run.sample_videos=true", "run.profile=true")
+    assert any((out / "tensorboard").iterdir())
+    for f in ("samples/before.mp4", "samples/after.mp4", "samples/before.png", "profile/iteration1.json"):
+        assert (out / f).is_file(), f
+    row = metrics(out)[-1]
+    for key in ("reward/mean", "reward/std", "reward/MeanRed/red/mean", "adv/abs_mean", "update/ratio_mean", "update/clip_frac",
+                "update/loss", "update/grad_norm", "lr", "pivots", "tau/mean", "time/rollout", "time/update",
+                "branch_videos_per_s", "mem/peak_gb", "update/kl"):
+        assert key in row, key
