@@ -418,10 +418,15 @@ def load_config(preset: str = "tiny", config_file: str | None = None, overrides:
         if not isinstance(data, dict):
             raise ValueError(f"config file {config_file!r} must hold a mapping of sections")
         _deep_update(d, data)
+    return TrainConfig.from_dict(apply_overrides(d, overrides))
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Set each `section.field=value` of `overrides` in the plain config dict `d` (in place)."""
     for ov in overrides:
         path, value = parse_override(ov)
         node = d
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = value
-    return TrainConfig.from_dict(d)
+    return d

@@ -17,7 +17,7 @@ import json
 import sys
 
 from . import checkpointing
-from .config import PRESETS, TrainConfig, _deep_update, load_config, parse_override
+from .config import PRESETS, TrainConfig, apply_overrides, load_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,28 +32,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    if args.resume not in (None, True):
-        # resuming a given checkpoint: its config is the base, the command line may extend it
-        base = checkpointing.read_state(args.resume)["config"]
-        for ov in args.overrides:
-            path, value = parse_override(ov)
-            node = base
-            for part in path[:-1]:
-                node = node.setdefault(part, {})
-            node[path[-1]] = value
-        return TrainConfig.from_dict(base)
-    cfg = load_config(args.preset, args.config, args.overrides)
-    if args.resume is True:
-        state = checkpointing.read_state(cfg.run.out_dir)
-        base = _deep_update(state["config"], {})
-        for ov in args.overrides:
-            path, value = parse_override(ov)
-            node = base
-            for part in path[:-1]:
-                node = node.setdefault(part, {})
-            node[path[-1]] = value
-        cfg = TrainConfig.from_dict(base)
-    return cfg
+    """The preset + file + overrides; when resuming, the checkpoint's own config + overrides (so a resumed
+    run is the same run, and the command line may only extend it, e.g. run.iterations=...)."""
+    if args.resume is None:
+        return load_config(args.preset, args.config, args.overrides)
+    where = load_config(args.preset, args.config, args.overrides).run.out_dir if args.resume is True else args.resume
+    return TrainConfig.from_dict(apply_overrides(checkpointing.read_state(where)["config"], args.overrides))
 
 
 def main(argv=None) -> int:

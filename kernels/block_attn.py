@@ -50,12 +50,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import interpreting, on_device
 
 LOG2E = 1.4426950408889634
 _HEAD_DIMS = (16, 32, 64, 128)
@@ -65,14 +66,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _M_INIT = tl.constexpr(-1.0e30)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _gpu_tiles() -> bool:
     """GPU tile sizes (autotuned forward, BWD_* constants) rather than INTERPRET_BLOCKS. A function so that
     a test can run the GPU launch path, configs included, under the interpreter."""
-    return not _interpreting()
+    return not interpreting()
 
 
 # Tile sizes under the CPU interpreter: small, so tests cover many tile boundaries on tiny shapes. They
@@ -637,28 +634,13 @@ def _s3(t: torch.Tensor) -> tuple[int, int, int]:
 def _dot_prec(dtype: torch.dtype) -> str:
     # fp32 inputs would use TF32 tensor cores by default on the GPU: 2^-11 relative error, far above
     # torch's fp32 error. Half types ignore the setting. "upcast": see _mma (interpreter bf16 bug).
-    if dtype == torch.bfloat16 and _interpreting():
+    if dtype == torch.bfloat16 and interpreting():
         return "upcast"
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _lq_bucket(n: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), 8192)
-
-
-class _DeviceGuard:
-    """Launch on the tensors' GPU (Triton launches on the current device)."""
-
-    def __init__(self, t: torch.Tensor):
-        self.ctx = torch.cuda.device(t.device) if t.is_cuda else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 def _prep_qkv(q, k, v, name_q="q"):
@@ -672,7 +654,7 @@ def _prep_qkv(q, k, v, name_q="q"):
         raise ValueError(f"head dim (last dim of {name_q}) must be one of {_HEAD_DIMS}, got {q.shape[-1]}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if not (q.is_cuda or _interpreting()):
+    if not (q.is_cuda or interpreting()):
         raise RuntimeError("block_attn kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1")
     # Only the head dim must be contiguous: token/head/batch strides are kernel arguments.
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -777,7 +759,7 @@ def _chunk_fwd(q, k, v, cache: _Segment | None, prefix: _Segment | None, scale: 
         HAS_CACHE=cache is not None, CLEN_PTR=clen_ptr, CACHE_ROWS=c_rows,
         HAS_PREFIX=prefix is not None, PLEN_PTR=plen_ptr, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype),
     )
-    with _DeviceGuard(q):
+    with on_device(q):
         if not _gpu_tiles():
             bm, bn = INTERPRET_BLOCKS["fwd"]
             _chunk_attn_fwd_kernel[(triton.cdiv(Lq, bm), B * H)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn)
@@ -816,7 +798,7 @@ def _chunk_bwd(do, q, k, v, out, lse, cache, prefix, scale, need_dq, need_dkdv):
         return z() if need_dq else None, z() if need_dkdv else None, z() if need_dkdv else None
     do = _prep_do(do)
     prec = _dot_prec(q.dtype)
-    with _DeviceGuard(q):
+    with on_device(q):
         delta = _bwd_delta(out, do, lse.shape)
         if need_dq:
             dq = _empty(q.shape, dtype=q.dtype, device=q.device)
@@ -857,7 +839,7 @@ def _block_causal_fwd(q, k, v, chunk_tokens, scale):
         return out, lse
     args = (q, k, v, out, lse, *_s3(q), *_s3(k), *_s3(v), *_s3(out), H, L, chunk_tokens, scale * LOG2E,
             _lq_bucket(L), B * H)
-    with _DeviceGuard(q):
+    with on_device(q):
         if not _gpu_tiles():
             bm, bn = INTERPRET_BLOCKS["fwd"]
             _block_causal_fwd_kernel[(triton.cdiv(L, bm), B * H)](
@@ -875,7 +857,7 @@ def _block_causal_bwd(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_
         z = lambda: torch.zeros_like(q)
         return z() if need_dq else None, z() if need_dkdv else None, z() if need_dkdv else None
     do = _prep_do(do)
-    with _DeviceGuard(q):
+    with on_device(q):
         delta = _bwd_delta(out, do, lse.shape)
         if need_dq:
             dq = _empty(q.shape, dtype=q.dtype, device=q.device)

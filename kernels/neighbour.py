@@ -22,12 +22,12 @@ Only x0_theta receives a gradient; x0_old and tau are constants of the rollout.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+
+from ._launch import check_launchable, on_device
 
 __all__ = ["neighbour_logprobs"]
 
@@ -37,10 +37,6 @@ TILE_ELEMS = 8192  # G_PAD * BLOCK: 32 fp32 registers per thread for the candida
 NUM_WARPS = 8
 T_BLOCK = 64  # tiles summed per step of the finalize loop
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -276,28 +272,9 @@ class _NeighbourLogprobs(torch.autograd.Function):
             # Incoming grads may be expanded views (e.g. from .sum()): the kernel wants dense [A, G].
             gd = gd.to(torch.float32).contiguous()
             gl = gl.to(torch.float32).contiguous()
-            with _on_device(t):
+            with on_device(t):
                 gt = _backward(t, c, logp, gd, gl, tau_a, ctx.tau_stride, ctx.tau_val)
         return gt, None, None, None, None
-
-
-class _on_device:
-    """Make t's CUDA device current for the launch (Triton launches on the current device)."""
-
-    def __init__(self, t: torch.Tensor):
-        self.ctx = (
-            torch.cuda.device(t.device)
-            if t.is_cuda and t.device.index != torch.cuda.current_device()
-            else None
-        )
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 def neighbour_logprobs(
@@ -332,11 +309,8 @@ def neighbour_logprobs(
     if A > 65535 * A_BLOCK_MAX:
         raise ValueError(f"at most {65535 * A_BLOCK_MAX} anchors, got A = {A}")
     tau_a, tau_stride, tau_val = _tau_args(tau, A, x0_theta.device)
-    if not (x0_theta.is_cuda or _interpreting()):
-        raise RuntimeError(
-            f"x0_theta must be a CUDA tensor (or run with TRITON_INTERPRET=1 on CPU), got {x0_theta.device}"
-        )
+    check_launchable(x0_theta, "x0_theta")
     t = x0_theta.reshape(A, N)  # differentiable view (or copy) of the anchors
     c = x0_old.detach().reshape(G, N).contiguous()
-    with _on_device(t):
+    with on_device(t):
         return _NeighbourLogprobs.apply(t.contiguous(), c, tau_a, tau_stride, tau_val)

@@ -21,11 +21,12 @@ sigmas are scalar loads. Fixed launch constants (no autotune: autotuning would b
 from __future__ import annotations
 
 import operator
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import check_launchable, interpreting, on_device
 
 try:  # generic dispatch module (triton >= 3.0)
     from triton.language.extra import libdevice
@@ -38,10 +39,6 @@ BLOCK = 1024
 NUM_WARPS = 4
 _MAX_GRID_Y = 65535
 _MAX_NUMEL = 2**31 - BLOCK  # pid * BLOCK + arange(BLOCK) must not overflow int32
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -220,32 +217,6 @@ def _row_words(t, name: str, rows: int, device: torch.device) -> torch.Tensor:
     return t.contiguous()
 
 
-def _check_launchable(t: torch.Tensor, name: str) -> None:
-    if not (t.is_cuda or _interpreting()):
-        raise RuntimeError(
-            f"{name} must be a CUDA tensor (or run with TRITON_INTERPRET=1 on CPU), got {t.device}"
-        )
-
-
-class _on_device:
-    """Make t's CUDA device current for the launch (Triton launches on the current device)."""
-
-    def __init__(self, t: torch.Tensor):
-        self.ctx = (
-            torch.cuda.device(t.device)
-            if t.is_cuda and t.device.index != torch.cuda.current_device()
-            else None
-        )
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
 def philox_normal(numel: int, k0: int, k1: int, c1: torch.Tensor, c2: int, c3: torch.Tensor) -> torch.Tensor:
     """Standard normals float32 [B, numel] on c1's device: element n of row b uses the counter
     (n, c1[b], c2, c3[b]) under the key (k0, k1). Same function as reference.philox_normal_ref."""
@@ -264,13 +235,13 @@ def philox_normal(numel: int, k0: int, k1: int, c1: torch.Tensor, c2: int, c3: t
     w = (_word(k0, "k0"), _word(k1, "k1"), _word(c2, "c2"))
     if B > _MAX_GRID_Y:
         raise ValueError(f"at most {_MAX_GRID_Y} rows per launch, got B = {B}")
-    _check_launchable(c1, "c1")
+    check_launchable(c1, "c1")
     out = torch.empty(B, numel, dtype=torch.float32, device=dev)
     if out.numel() == 0:
         return out
-    with _on_device(c1):
+    with on_device(c1):
         _philox_normal_kernel[(triton.cdiv(numel, BLOCK), B)](
-            out, c1, c3, *w, numel, BLOCK=BLOCK, PRECISE=not _interpreting(), num_warps=NUM_WARPS
+            out, c1, c3, *w, numel, BLOCK=BLOCK, PRECISE=not interpreting(), num_warps=NUM_WARPS
         )
     return out
 
@@ -330,7 +301,7 @@ def consistency_step(
         c1 = _row_words(c1, "noise_words c1", B, x.device)
         c3 = _row_words(c3, "noise_words c3", B, x.device)
         w = (_word(k0, "noise_words k0"), _word(k1, "noise_words k1"), _word(c2, "noise_words c2"))
-    _check_launchable(x, "x")
+    check_launchable(x, "x")
     x = x.contiguous()
     flow = flow.contiguous()
     x0 = torch.empty(x.shape, dtype=torch.float32, device=x.device)
@@ -343,7 +314,7 @@ def consistency_step(
         xn_arg = x0
     else:
         xn_arg = xn
-    with _on_device(x):
+    with on_device(x):
         _consistency_step_kernel[(triton.cdiv(numel, BLOCK), B)](
             x,
             flow,
@@ -357,7 +328,7 @@ def consistency_step(
             numel,
             HAS_NOISE=has_noise,
             BLOCK=BLOCK,
-            PRECISE=not _interpreting(),
+            PRECISE=not interpreting(),
             num_warps=NUM_WARPS,
         )
     return x0, xn
@@ -371,11 +342,11 @@ def philox_words(
     cs = torch.broadcast_tensors(*(torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3)))
     dev = cs[0].device
     cs = [(c.to(dev) & 0xFFFFFFFF).contiguous().reshape(-1) for c in cs]
-    _check_launchable(cs[0], "c0")
+    check_launchable(cs[0], "c0")
     n = cs[0].numel()
     out = torch.empty(4, n, dtype=torch.int64, device=dev)
     if n:
-        with _on_device(cs[0]):
+        with on_device(cs[0]):
             _philox_words_kernel[(triton.cdiv(n, BLOCK),)](
                 *cs, _word(k0, "k0"), _word(k1, "k1"), out, n, BLOCK=BLOCK
             )

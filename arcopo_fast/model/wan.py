@@ -69,7 +69,9 @@ def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x.to(dt)).to(dt)
 
 
-class SelfAttention(nn.Module):
+class _Attention(nn.Module):
+    """q, k, v, o projections with q/k RMSNorm over all channels (Wan's self- and cross-attention)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.dim
@@ -77,6 +79,8 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(d, cfg.eps), RMSNorm(d, cfg.eps)
 
+
+class SelfAttention(_Attention):
     def forward(self, x, layer: int, rope: tuple[torch.Tensor, torch.Tensor], attn: AttnFn) -> torch.Tensor:
         B, N, _ = x.shape
         shape = (B, N, self.num_heads, self.head_dim)
@@ -88,14 +92,7 @@ class SelfAttention(nn.Module):
         return _linear(self.o, out.flatten(2))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        d = cfg.dim
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.norm_q, self.norm_k = RMSNorm(d, cfg.eps), RMSNorm(d, cfg.eps)
-
+class CrossAttention(_Attention):
     def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, L, _ = context.shape
         k = self.norm_k(_linear(self.k, context)).view(B, L, self.num_heads, self.head_dim)
