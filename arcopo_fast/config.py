@@ -355,7 +355,7 @@ def preset_tiny() -> dict:
         "algo": {"group_size": 8, "num_anchors": 4, "clip_eps": 1e-4},
         "optim": {"lr": 3e-3, "grad_clip": 1.0},
         "adapter": {"rank": 8, "alpha": 16.0},
-        "run": {"iterations": 60, "groups_per_rank": 2, "micro_batch": 8, "checkpoint_every": 20, "out_dir": "runs/tiny"},
+        "run": {"iterations": 60, "groups_per_rank": 1, "micro_batch": 8, "checkpoint_every": 20, "out_dir": "runs/tiny"},
         "replay": {"buffer_groups": 16},
     }
 
