@@ -27,6 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                     help="continue from the latest checkpoint of run.out_dir, or of PATH (a run dir or checkpoint)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("--profile", action="store_true", help="same as run.profile=true: a torch profiler trace of iteration 2")
     ap.add_argument("overrides", nargs="*", help="section.field=value")
     return ap.parse_args(argv)
 
@@ -42,6 +43,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.profile:
+        args.overrides.append("run.profile=true")
     try:
         cfg = resolve_config(args)
     except (ValueError, FileNotFoundError) as e:
