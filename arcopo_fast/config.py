@@ -104,7 +104,9 @@ class OptimSection:
 @dataclass(kw_only=True)
 class AdapterSection:
     kind: str = "lora"
-    """'lora' (peft) or 'full' (full fine-tuning; FSDP2 under torchrun)."""
+    """'lora' (peft) or 'full' (full fine-tuning; FSDP2 under torchrun). Either way the text projection and
+    the cross-attention k/v receive no gradient: a prompt's cross-attention K/V are computed once, without
+    gradients, and shared by the rollout and the update."""
     rank: int = 64
     alpha: float = 128.0
     target_modules: str = r".*\.(self_attn\.(q|k|v|o)|cross_attn\.(q|o)|ffn\.(0|2))$"

@@ -138,6 +138,17 @@ def test_merge_writes_w0_plus_semi_plus_scaled_on(tmp_path):
     assert d_on.abs().max() > 0 and d_semi.abs().max() > 0
     torch.testing.assert_close(merged[f"{key}.weight"], w0[f"{key}.weight"] + d_semi + 0.8 * d_on, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(merged["head.head.weight"], w0["head.head.weight"])  # untouched by LoRA
+    # generating with the adapters loaded at their scales equals generating from the merged weights
+    from arcopo_fast.pipeline import load_generator
+
+    kw = dict(embed_cache_dir=None)
+    with_adapters = load_generator(checkpoint=str(base), adapters_spec=[(str(semi_dir), 1.0), (str(on_dir), 0.8)], **kw)
+    from_merged = load_generator(checkpoint=str(out), **kw)
+    for gen in (with_adapters, from_merged):
+        gen.lat = gen.sampler.generate(gen.cross(["a red kite"]), num_chunks=2, latent_hw=(4, 4))
+    torch.testing.assert_close(with_adapters.lat, from_merged.lat, rtol=1e-4, atol=1e-4)
+    base_gen = load_generator(checkpoint=str(base), **kw)
+    assert not torch.allclose(base_gen.sampler.generate(base_gen.cross(["a red kite"]), num_chunks=2, latent_hw=(4, 4)), from_merged.lat, atol=1e-3)
 
 
 @pytest.mark.parametrize("mode,match", [("nan", "NaN|non-finite"), ("shape", "shape"), ("raise", "reward server unavailable")])
