@@ -282,7 +282,8 @@ class Trainer:
             s = self.buffer.load(i)
             cross = self.cross_for(s.prompt)
             with torch.no_grad(), adapters.adapters_disabled(self.model):
-                s.prefix_cache = self.engine.rebuild_prefix_cache(cross, s.prefix_latents)
+                # the reference context: its cross-attention K/V too (they differ if LoRA targets them)
+                s.prefix_cache = self.engine.rebuild_prefix_cache(self.cross_for(s.prompt), s.prefix_latents)
             samples.append(s)
             crosses.append(cross)
         _sync(self.device)
