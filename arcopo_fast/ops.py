@@ -70,6 +70,7 @@ def describe(device: torch.device | str = "cpu") -> dict[str, str]:
     return {
         "attention": resolve_backend(t, op="attention"),
         "step": resolve_backend(t, op="step"),
+        "qk_norm_rope": resolve_backend(t, op="qk_norm_rope"),
         "kv_fork": fork,
     }
 
@@ -196,6 +197,55 @@ def _flex_block_causal(q, k, v, chunk_tokens, *, scale, window_tokens, sink_toke
     bm = create_block_mask(mask_mod, None, None, L, L, device=q.device)
     out = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, scale=scale)
     return out.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# q/k RMSNorm + 3D RoPE of the self-attention
+# ---------------------------------------------------------------------------------------------------------
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    eps: float,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan's q/k RMSNorm over all dim channels (RMS in float32, cast to the input dtype, times the weight)
+    followed by the interleaved 3D RoPE (float32 rotation, cast back), for q and k together.
+
+    q, k:               [B, L, dim] pre-norm projections (same shape and dtype)
+    weight_q, weight_k: [dim] RMSNorm weights
+    cos, sin:           float32 [L, dim / num_heads / 2] (model/rope.py's tables for this chunk)
+    Returns (q, k) [B, L, num_heads, dim / num_heads] in promote(q.dtype, weight dtype).
+    The triton backend is one fused launch without autograd (inference: rollouts and sampling); it raises
+    when a gradient would be needed. The torch backend is the model's module path op for op."""
+    if q.ndim != 3 or k.shape != q.shape:
+        raise ValueError(f"q and k must share a [B, L, dim] shape, got {tuple(q.shape)}, {tuple(k.shape)}")
+    dim = q.shape[-1]
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0 or dim % num_heads:
+        raise ValueError(f"num_heads must be a positive int dividing dim={dim}, got {num_heads!r}")
+    half = dim // num_heads // 2
+    if cos.shape != (q.shape[1], half) or sin.shape != cos.shape:
+        raise ValueError(
+            f"cos and sin must be [L={q.shape[1]}, head_dim/2={half}], "
+            f"got {tuple(cos.shape)}, {tuple(sin.shape)}"
+        )
+    be = resolve_backend(q, backend, op="qk_norm_rope")
+    if be == "triton":
+        needs_grad = any(t.requires_grad for t in (q, k, weight_q, weight_k))
+        if torch.is_grad_enabled() and needs_grad:
+            raise RuntimeError(
+                "qk_norm_rope: backend 'triton' has no autograd (inference only); use backend='torch' or "
+                "run under torch.no_grad()"
+            )
+        return _kernel("qk_norm_rope").qk_norm_rope(q, k, weight_q, weight_k, cos, sin, num_heads, eps)
+    return ref.qk_norm_rope_torch(q, k, weight_q, weight_k, cos, sin, num_heads, eps)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -266,3 +266,48 @@ def neighbour_logprobs_torch(x0_theta: torch.Tensor, x0_old: torch.Tensor, tau):
     d = torch.stack([((c - a[j][None]) ** 2).mean(-1) for j in range(a.shape[0])]) if a.shape[0] else a.new_zeros(0, c.shape[0])
     tau = torch.as_tensor(tau, dtype=torch.float32, device=d.device)
     return d, torch.log_softmax(-d / tau, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# q/k RMSNorm + interleaved 3D RoPE of the self-attention (kernels/qk_norm_rope.py fuses both)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rms_norm_rope_torch(
+    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, eps: float
+) -> torch.Tensor:
+    """The model's torch path, op for op (model/wan.py RMSNorm.forward, then model/rope.py apply_rope):
+    x [B, L, dim] -> [B, L, H, D]; RMS in float32, cast to x's dtype, times the weight; rotation of the
+    interleaved pairs in float32 with tables [L, D/2], cast back."""
+    B, L, C = x.shape
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype) * weight
+    y = y.view(B, L, num_heads, C // num_heads)
+    yf = y.float().unflatten(-1, (-1, 2))
+    ye, yo = yf[..., 0], yf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack((ye * c - yo * s, ye * s + yo * c), dim=-1).flatten(-2).to(y.dtype)
+
+
+def qk_norm_rope_torch(q, k, weight_q, weight_k, cos, sin, num_heads: int, eps: float):
+    """(rms_norm_rope_torch(q, weight_q, ...), rms_norm_rope_torch(k, weight_k, ...)): differentiable."""
+    return (
+        rms_norm_rope_torch(q, weight_q, cos, sin, num_heads, eps),
+        rms_norm_rope_torch(k, weight_k, cos, sin, num_heads, eps),
+    )
+
+
+def rms_norm_rope_ref(
+    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, eps: float,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Naive RMSNorm + RoPE without intermediate roundings, in float64 (upcast) or float32, returned in
+    that dtype: the accuracy reference (the tables are taken as given)."""
+    dt = torch.float64 if upcast else torch.float32
+    B, L, C = x.shape
+    xf = x.to(dt)
+    y = xf / torch.sqrt((xf * xf).mean(dim=-1, keepdim=True) + eps) * weight.to(dt)
+    y = y.view(B, L, num_heads, C // num_heads // 2, 2)
+    ye, yo = y[..., 0], y[..., 1]
+    c, s = cos.to(dt)[None, :, None, :], sin.to(dt)[None, :, None, :]
+    return torch.stack((ye * c - yo * s, ye * s + yo * c), dim=-1).flatten(-2)

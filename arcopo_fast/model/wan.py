@@ -84,10 +84,15 @@ class SelfAttention(_Attention):
     def forward(self, x, layer: int, rope: tuple[torch.Tensor, torch.Tensor], attn: AttnFn) -> torch.Tensor:
         B, N, _ = x.shape
         shape = (B, N, self.num_heads, self.head_dim)
-        q = self.norm_q(_linear(self.q, x)).view(shape)
-        k = self.norm_k(_linear(self.k, x)).view(shape)
+        q, k = _linear(self.q, x), _linear(self.k, x)
+        wq, wk = self.norm_q.weight, self.norm_k.weight
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, wq, wk)):
+            # Training: the modules' autograd path (numerics identical to ops' torch backend).
+            q = apply_rope(self.norm_q(q).view(shape), *rope)
+            k = apply_rope(self.norm_k(k).view(shape), *rope)
+        else:  # inference (rollouts, sampling): one fused RMSNorm + RoPE launch on the triton backend
+            q, k = ops.qk_norm_rope(q, k, wq, wk, *rope, self.num_heads, self.norm_q.eps)
         v = _linear(self.v, x).view(shape)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attn(layer, q, k, v)
         return _linear(self.o, out.flatten(2))
 
