@@ -527,6 +527,19 @@ def _dkdv_kernel(
 
 
 @triton.jit
+def _causal_key_ranges(offs_m, start_m, chunk_tokens, L, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Block-causal key ranges of a query tile (shared by the forward and dq kernels): row i sees keys
+    [0, kend_i); keys [0, n_full) are visible to every row of the tile in whole BLOCK_N tiles (no mask);
+    [n_full, hi_end) need the mask; keys >= hi_end are never visited."""
+    kend = tl.minimum((offs_m // chunk_tokens + 1) * chunk_tokens, L)
+    lo_end = tl.minimum((start_m // chunk_tokens + 1) * chunk_tokens, L)
+    i_last = tl.minimum(start_m + BLOCK_M, L) - 1
+    hi_end = tl.minimum((i_last // chunk_tokens + 1) * chunk_tokens, L)
+    n_full = (lo_end // BLOCK_N) * BLOCK_N
+    return kend, hi_end, n_full
+
+
+@triton.jit
 def _block_causal_fwd_kernel(
     Q, K, V, Out, Lse,  # [B, L, H, D]; Lse [B, H, L] fp32
     stride_qb, stride_qn, stride_qh,
@@ -549,12 +562,7 @@ def _block_causal_fwd_kernel(
     row_ok = offs_m < L
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    # keys [0, lo_end) are visible to every row of the tile; [lo_end, hi_end) to some of them
-    kend = tl.minimum((offs_m // chunk_tokens + 1) * chunk_tokens, L)
-    lo_end = tl.minimum((start_m // chunk_tokens + 1) * chunk_tokens, L)
-    i_last = tl.minimum(start_m + BLOCK_M, L) - 1
-    hi_end = tl.minimum((i_last // chunk_tokens + 1) * chunk_tokens, L)
-    n_full = (lo_end // BLOCK_N) * BLOCK_N
+    kend, hi_end, n_full = _causal_key_ranges(offs_m, start_m, chunk_tokens, L, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -599,11 +607,7 @@ def _block_causal_bwd_dq_kernel(
                  mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
-    kend = tl.minimum((offs_m // chunk_tokens + 1) * chunk_tokens, L)
-    lo_end = tl.minimum((start_m // chunk_tokens + 1) * chunk_tokens, L)
-    i_last = tl.minimum(start_m + BLOCK_M, L) - 1
-    hi_end = tl.minimum((i_last // chunk_tokens + 1) * chunk_tokens, L)
-    n_full = (lo_end // BLOCK_N) * BLOCK_N
+    kend, hi_end, n_full = _causal_key_ranges(offs_m, start_m, chunk_tokens, L, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh

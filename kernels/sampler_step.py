@@ -96,6 +96,17 @@ def _row_normals(n, c1, c2, c3, k0, k1, PRECISE: tl.constexpr):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _keyed_normals(n, row, c1_ptr, c2, c3_ptr, k0, k1, PRECISE: tl.constexpr):
+    """Normals of elements n of batch row `row` under the noise plan's key words (one definition, used by
+    both philox_normal and consistency_step so that they draw identical noise)."""
+    c1 = tl.load(c1_ptr + row).to(tl.uint32)
+    c3 = tl.load(c3_ptr + row).to(tl.uint32)
+    return _row_normals(
+        n, c1, c2.to(tl.uint32, bitcast=True), c3, k0.to(tl.uint32, bitcast=True), k1.to(tl.uint32, bitcast=True), PRECISE
+    )
+
+
 @triton.jit(do_not_specialize=["k0", "k1", "c2"])
 def _philox_normal_kernel(
     out_ptr,  # float32 [B, numel]
@@ -112,17 +123,7 @@ def _philox_normal_kernel(
     row = tl.program_id(1)
     n = pid * BLOCK + tl.arange(0, BLOCK)
     mask = n < numel
-    c1 = tl.load(c1_ptr + row).to(tl.uint32)
-    c3 = tl.load(c3_ptr + row).to(tl.uint32)
-    z = _row_normals(
-        n,
-        c1,
-        c2.to(tl.uint32, bitcast=True),
-        c3,
-        k0.to(tl.uint32, bitcast=True),
-        k1.to(tl.uint32, bitcast=True),
-        PRECISE,
-    )
+    z = _keyed_normals(n, row, c1_ptr, c2, c3_ptr, k0, k1, PRECISE)
     tl.store(out_ptr + row.to(tl.int64) * numel + n, z, mask=mask)
 
 
@@ -156,17 +157,7 @@ def _consistency_step_kernel(
     tl.store(x0_ptr + base + n, x0, mask=mask)
     if HAS_NOISE:
         s_n = tl.load(sig_ptr + step + 1).to(tl.float32)
-        c1 = tl.load(c1_ptr + row).to(tl.uint32)
-        c3 = tl.load(c3_ptr + row).to(tl.uint32)
-        z = _row_normals(
-            n,
-            c1,
-            c2.to(tl.uint32, bitcast=True),
-            c3,
-            k0.to(tl.uint32, bitcast=True),
-            k1.to(tl.uint32, bitcast=True),
-            PRECISE,
-        )
+        z = _keyed_normals(n, row, c1_ptr, c2, c3_ptr, k0, k1, PRECISE)
         tl.store(xn_ptr + base + n, (1.0 - s_n) * x0 + s_n * z, mask=mask)
 
 
