@@ -20,23 +20,17 @@ import functools
 
 import pytest
 import torch
+from arcopo_fast.kernels import reference as ref
+from bench_helpers import cuda_time_ms, requires_cuda
 
 from arcopo_fast import ops
-from arcopo_fast.kernels import reference as ref
 
 A, G, SAMPLE = 4, 12, (3, 16, 60, 104)
 TAU = 0.01
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA")
-
-
-def _device_us(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
 
 
 def _report(benchmark, name: str, fn, bytes_read: int, **extra) -> float:
-    us = _device_us(fn)
+    us = cuda_time_ms(fn, rep_ms=200) * 1e3
     gbps = bytes_read / (us * 1e-6) / 1e9
     benchmark.extra_info.update(
         device_us=round(us, 2),
@@ -90,7 +84,7 @@ IMPLS = [
 ]
 
 
-@gpu
+@requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", IMPLS)
 def test_neighbour_gpu(benchmark, impl):

@@ -21,13 +21,13 @@ import time
 
 import pytest
 import torch
+from bench_helpers import cuda_time_ms, requires_cuda
 
 from arcopo_fast import ops
 from arcopo_fast.noise import NoiseKind, NoisePlan
 
 CHUNK = (3, 16, 60, 104)  # [F, C, H, W] of one Self-Forcing chunk latent
 COPY_BW = 3.0e12  # bytes/s, read + write, H100 (docs/performance.md): for the printed floor only
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -35,14 +35,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: n
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _device_us(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
-
-
 def _report(benchmark, name: str, fn, nbytes: int, **extra) -> float:
-    us = _device_us(fn)
+    us = cuda_time_ms(fn, rep_ms=200) * 1e3
     gbps = nbytes / (us * 1e-6) / 1e9
     floor_us = nbytes / COPY_BW * 1e6
     benchmark.extra_info.update(
@@ -118,7 +112,7 @@ def _setup(B: int, device="cuda", dtype=torch.bfloat16, shape=CHUNK):
 IMPLS = ["triton", "triton_graph", "eager_sf", "compiled_sf", "torch_fallback", "copy_same_bytes"]
 
 
-@gpu
+@requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("B", [1, 12])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from model_helpers import make_tiny_model
 
 from arcopo_fast.model.wan import CausalWanModel
@@ -11,3 +12,16 @@ from arcopo_fast.model.wan import CausalWanModel
 @pytest.fixture
 def tiny_model() -> CausalWanModel:
     return make_tiny_model()
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """NaN-fill (float) / -7-fill (int) every tensor allocated with torch.empty/empty_like during the test,
+    so an element a kernel forgets to write fails the comparison."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def _fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _fill(real_empty_like(*a, **k)))
