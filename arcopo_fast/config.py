@@ -19,6 +19,9 @@ from typing import Any
 
 import yaml
 
+from .sampler import COMPILE_BACKENDS as SAMPLER_COMPILE_BACKENDS
+from .sampler import COMPILE_MODES as SAMPLER_COMPILE_MODES
+
 
 @dataclass(kw_only=True)
 class ModelSection:
@@ -36,6 +39,13 @@ class ModelSection:
     """Local folder of a transformers UMT5 encoder + tokenizer. None = a tiny random one (tiny preset only)."""
     vae: str | None = None
     """Local folder of a diffusers AutoencoderKLWan. None = a tiny random one (tiny preset only)."""
+    vae_memory_format: str = "contiguous"
+    """Layout of the VAE decoder's convs, activations and causal caches: 'contiguous' (diffusers' own decode)
+    or 'channels_last_3d' (NDHWC, cuDNN's fast 3-D conv layout; decodes with arcopo_fast.model.vae's
+    fixed-shape per-frame step)."""
+    vae_compile: bool | str = False
+    """torch.compile the VAE decoder's per-frame step (fullgraph, static shapes): false, true, 'default' or
+    'max-autotune-no-cudagraphs'. The first decode of each video shape compiles (a minute or more at 480p)."""
     assets_dir: str = "~/.cache/arcopo_fast/tiny_assets"
     """Where the tiny random text encoder and VAE are written when text_encoder/vae are None."""
     embed_cache_dir: str | None = "~/.cache/arcopo_fast/prompt_embeds"
@@ -56,6 +66,13 @@ class SamplerSection:
     """Flow-matching shift of the timestep warp."""
     context_noise: float = 0.0
     """Timestep of the clean-context KV refresh."""
+    compile: str | None = None
+    """torch.compile the rollouts' per-step DiT forward (fullgraph, dynamic shapes: a few graphs serve every
+    chunk and branch): None (eager), 'default', 'reduce-overhead' (plus CUDA graphs), 'max-autotune',
+    'max-autotune-no-cudagraphs'. The first iteration pays the compilation. Training forwards stay eager."""
+    compile_backend: str = "inductor"
+    """torch.compile backend of `compile`: 'inductor' (code generation), or 'aot_eager' (traces the same
+    graphs without generating code: for checking that a model change still compiles, quickly)."""
 
 
 @dataclass(kw_only=True)
@@ -229,6 +246,8 @@ class TrainConfig:
              f"need 0 <= pivot_min ({a.pivot_min}) <= pivot_max ({pmax}) < num_chunks ({s.num_chunks})")
         need(s.latent_height % 2 == 0 and s.latent_width % 2 == 0 and s.latent_height > 0 and s.latent_width > 0,
              "sampler.latent_height/latent_width", f"must be positive and even (2x2 patches), got {s.latent_height}x{s.latent_width}")
+        need(s.compile in SAMPLER_COMPILE_MODES, "sampler.compile", f"must be one of {SAMPLER_COMPILE_MODES}, got {s.compile!r}")
+        need(s.compile_backend in SAMPLER_COMPILE_BACKENDS, "sampler.compile_backend", f"must be one of {SAMPLER_COMPILE_BACKENDS}, got {s.compile_backend!r}")
         need(r.mode in ("on-policy", "semi-on-policy"), "run.mode", f"must be 'on-policy' or 'semi-on-policy', got {r.mode!r}")
         need(r.fork in ("copy", "zero_copy"), "run.fork", f"must be 'copy' or 'zero_copy', got {r.fork!r}")
         need(r.iterations >= 0, "run.iterations", f"must be >= 0, got {r.iterations}")
@@ -252,6 +271,10 @@ class TrainConfig:
         need(self.data.prompts is None or Path(self.data.prompts).expanduser().is_file(), "data.prompts", f"file {self.data.prompts!r} does not exist")
         need(len(self.reward.rewards) > 0, "reward.rewards", "needs at least one reward")
         need(self.replay.buffer_groups >= 1 and self.replay.groups_per_iteration >= 1, "replay.buffer_groups/groups_per_iteration", "must be >= 1")
+        from .model.vae import COMPILE_MODES, MEMORY_FORMATS, valid_compile
+
+        need(m.vae_memory_format in MEMORY_FORMATS, "model.vae_memory_format", f"must be one of {MEMORY_FORMATS}, got {m.vae_memory_format!r}")
+        need(valid_compile(m.vae_compile), "model.vae_compile", f"must be one of {COMPILE_MODES}, got {m.vae_compile!r}")
         need(self.replay.store_dtype in ("float32", "bfloat16"), "replay.store_dtype", f"must be float32 or bfloat16, got {self.replay.store_dtype!r}")
 
     # -- (de)serialisation ----------------------------------------------------------------------------------

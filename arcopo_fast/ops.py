@@ -25,21 +25,28 @@ _BACKENDS = ("auto", "torch", "triton", "flash_attn")
 
 
 @functools.cache
-def triton_available() -> bool:
+def _importable(name: str) -> bool:
     try:
-        importlib.import_module("triton")
+        importlib.import_module(name)
     except Exception:  # noqa: BLE001 - any import failure means "not available"
         return False
     return True
 
 
-@functools.cache
+def triton_available() -> bool:
+    return _importable("triton")
+
+
 def flash_attn_available() -> bool:
-    try:
-        importlib.import_module("flash_attn")
-    except Exception:  # noqa: BLE001
-        return False
-    return True
+    return _importable("flash_attn")
+
+
+# torch.compile calls these two while tracing and bakes the answer into the graph: dynamo cannot trace
+# importlib. This is what torch.compiler.assume_constant_result does, without importing torch._dynamo here
+# (that imports triton, which must wait for tests to set TRITON_INTERPRET). On a functools.cache wrapper the
+# mark would be ignored, hence the separate _importable.
+triton_available._dynamo_marked_constant = True
+flash_attn_available._dynamo_marked_constant = True
 
 
 def _interpreting() -> bool:
@@ -138,7 +145,9 @@ def chunk_attention(
     be = resolve_backend(q, backend, op="chunk_attention")
     args = (k_cache, v_cache, cache_len, cache_rows, k_prefix, v_prefix, prefix_len, prefix_rows)
     if be == "triton":
-        return _kernel("block_attn").chunk_attention(q, k, v, *args, scale=scale)
+        from .kernels import block_attn  # a plain import: torch.compile traces it, not importlib
+
+        return block_attn.chunk_attention(q, k, v, *args, scale=scale)
     if be == "flash_attn":
         import flash_attn
 
@@ -176,7 +185,9 @@ def block_causal_attention(
     window = {"window_tokens": window_tokens, "sink_tokens": sink_tokens}
     be = resolve_backend(q, backend, op="block_causal_attention")
     if be == "triton" and window_tokens is None:
-        return _kernel("block_attn").block_causal_attention(q, k, v, chunk_tokens, scale=scale)
+        from .kernels import block_attn  # a plain import: torch.compile traces it, not importlib
+
+        return block_attn.block_causal_attention(q, k, v, chunk_tokens, scale=scale)
     if q.is_cuda and be != "torch":
         # The rolling-window variant (and the flash_attn request) use FlexAttention's block mask on CUDA.
         return _flex_block_causal(q, k, v, chunk_tokens, scale=scale, **window)

@@ -75,10 +75,15 @@ def load_generator(
     ema: bool | None = None,
     assets_dir: str = "~/.cache/arcopo_fast/tiny_assets",
     embed_cache_dir: str | None = None,
+    vae_memory_format: str = "contiguous",
+    vae_compile: bool | str = False,
+    compile: str | None = None,
 ) -> Generator:
     """checkpoint: any supported weights format, or a run directory's base_model.safetensors; None = the
     random `preset` model seeded with `seed` (what `train` uses for a random base). adapters_spec: (peft
-    adapter folder, scale) pairs, added as W0 + sum scale * dW."""
+    adapter folder, scale) pairs, added as W0 + sum scale * dW. vae_memory_format / vae_compile: the VAE
+    decoder's speed options (arcopo_fast.model.vae.WanVAE); compile: the DiT forward's
+    torch.compile mode (StreamingSampler)."""
     from .model.text_encoder import TextEncoder
     from .model.vae import WanVAE
 
@@ -109,7 +114,7 @@ def load_generator(
     cdt = dtype if device.type == "cuda" else torch.float32
     te = TextEncoder(text_encoder, text_len=model.cfg.text_len, device=device, dtype=cdt, out_dtype=dtype,
                      cache_dir=None if embed_cache_dir is None else Path(embed_cache_dir).expanduser())
-    return Generator(model, StreamingSampler(model, schedule, seed=seed), te, WanVAE(vae, device=device, dtype=cdt))
+    return Generator(model, StreamingSampler(model, schedule, seed=seed, compile=compile), te, WanVAE(vae, device=device, dtype=cdt, memory_format=vae_memory_format, compile=vae_compile))
 
 
 def load_base_model(path: str, *, device, dtype, ema=None) -> CausalWanModel:

@@ -17,7 +17,10 @@ import time
 
 import torch
 
+from .model.vae import COMPILE_MODES as VAE_COMPILE_MODES
+from .model.vae import MEMORY_FORMATS
 from .profiling import maybe_profile
+from .sampler import COMPILE_MODES
 
 
 def parse_adapter(text: str) -> tuple[str, float]:
@@ -47,6 +50,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA")
     ap.add_argument("--fps", type=float, default=16.0)
+    ap.add_argument("--compile", choices=[m for m in COMPILE_MODES if m], help="torch.compile mode of the DiT "
+                    "forward ('reduce-overhead' adds CUDA graphs); the first video pays the compilation")
+    ap.add_argument("--vae-memory-format", default="contiguous", choices=list(MEMORY_FORMATS),
+                    help="VAE decoder layout (channels_last_3d: cuDNN's NDHWC convolutions)")
+    ap.add_argument("--vae-compile", default=None, choices=[m for m in VAE_COMPILE_MODES if isinstance(m, str)],
+                    help="torch.compile the VAE decoder's per-frame step with this mode")
     ap.add_argument("--profile", metavar="DIR", help="write a torch profiler trace of the generation into DIR")
     args = ap.parse_args(argv)
     if args.num_chunks < 1:
@@ -62,7 +71,8 @@ def main(argv=None) -> int:
         gen = load_generator(
             checkpoint=args.checkpoint, preset=args.preset, text_encoder=args.text_encoder, vae=args.vae,
             adapters_spec=[parse_adapter(a) for a in args.adapter], device=dev, dtype=dtype, seed=args.seed,
-            schedule=FewStepSchedule(shift=args.shift), ema=not args.no_ema,
+            schedule=FewStepSchedule(shift=args.shift), ema=not args.no_ema, compile=args.compile,
+            vae_memory_format=args.vae_memory_format, vae_compile=args.vae_compile or False,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

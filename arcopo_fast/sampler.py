@@ -33,6 +33,16 @@ from .noise import NoiseKind, NoisePlan
 from .profiling import nvtx_range
 
 
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""StreamingSampler(compile=...): torch.compile modes for the per-step forward (None: eager)."""
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+"""torch.compile backends: Inductor generates code (modes apply to it only); aot_eager / eager trace the same
+graphs without code generation (a quick check that a model change still compiles)."""
+RECOMPILE_LIMIT = 64
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+"""Inductor modes that replay CUDA graphs (stream() then reuses its KV cache between videos)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class FewStepSchedule:
     denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
@@ -92,7 +102,16 @@ class ChunkTrajectory:
 
 class StreamingSampler:
     """The few-step streaming sampler. Batch rows are independent samples; row b draws its noise with
-    noise id samples[b] (so sample 5 gives the same video in any batch)."""
+    noise id samples[b] (so sample 5 gives the same video in any batch).
+
+    compile:         None (eager) or a torch.compile mode for the per-step DiT forward (COMPILE_MODES). The
+                     graph is fullgraph (a graph break would be a silent slowdown, so it fails loudly) and
+                     dynamic (cache length, batch and chunk position are symbols): a few graphs (empty or
+                     filled cache, denoise or commit, copy or zero-copy cache) serve every chunk and branch.
+                     "reduce-overhead" also replays them as CUDA graphs: the model has no host syncs.
+    compile_backend: COMPILE_BACKENDS; modes apply to Inductor only.
+    reuse_cache:     stream() keeps one KV cache per video shape and reuses it (default: on with a CUDA-graph
+                     mode, see _video_cache)."""
 
     def __init__(
         self,
@@ -103,8 +122,24 @@ class StreamingSampler:
         local_attn_frames: int | None = None,
         sink_frames: int = 0,
         cache_dtype: torch.dtype | None = None,
+        compile: str | None = None,
+        compile_backend: str = "inductor",
+        reuse_cache: bool | None = None,
     ):
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+        if compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(f"compile_backend must be one of {COMPILE_BACKENDS}, got {compile_backend!r}")
         self.model = model
+        self.compile, self.compile_backend = compile, compile_backend
+        self._forward = model
+        if compile is not None:
+            kw = {"mode": compile} if compile_backend == "inductor" else {}
+            self._forward = torch.compile(model.forward, fullgraph=True, dynamic=True, backend=compile_backend, **kw)
+        graphs = compile in CUDAGRAPH_MODES and compile_backend == "inductor"
+        self.reuse_cache = graphs if reuse_cache is None else bool(reuse_cache)
+        self._pool: dict[tuple, KVCache] = {}
+        self._busy: set[tuple | None] = set()
         self.schedule = schedule or FewStepSchedule()
         self.noise = NoisePlan(seed)
         self.local_attn_frames = local_attn_frames
@@ -132,6 +167,21 @@ class StreamingSampler:
         return self._tables[key]
 
     # -- building blocks (the trainer's rollout engine composes these) -----------------------------------
+
+    def forward(self, x, t, cross: CrossKV, cache: KVCache | None, *, commit: bool = False) -> torch.Tensor:
+        """One DiT forward (compiled when the sampler was built with `compile`). Use it under no_grad: the
+        compiled graphs are inference graphs (training keeps the eager model)."""
+        if self.compile is not None:
+            self.model.rope.axis_tables(x.device)  # built eagerly once: the graph only slices them
+            # detach() drops the view relation without a copy: dynamo guards on a view's base, and x / t /
+            # the text K/V are views (of the noise buffer, the timestep table, a projection) only sometimes.
+            x, t = x.detach(), t.detach() if isinstance(t, torch.Tensor) else t
+            cross = CrossKV([k.detach() for k in cross.k], [v.detach() for v in cross.v], cross.rows)
+            # A few graphs per latent size and cache kind (see __init__); the default limit of 8 would turn
+            # a second resolution into a hard error under fullgraph.
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return self._forward(x, t, cross, cache, commit=commit)
+        return self._forward(x, t, cross, cache, commit=commit)
 
     def chunk_shape(self, latent_hw: tuple[int, int]) -> tuple[int, int, int, int]:
         cfg = self.model.cfg
@@ -173,7 +223,7 @@ class StreamingSampler:
         traj = ChunkTrajectory()
         for k in range(T):
             with nvtx_range(f"step{k}"):
-                flow = self.model(x, timesteps[k], cross, cache)
+                flow = self.forward(x, timesteps[k], cross, cache)
                 words = None
                 if k < T - 1:
                     key = self.noise.key(samples, chunk, k + 1, NoiseKind.SOLVER)
@@ -189,7 +239,7 @@ class StreamingSampler:
         """The clean-context forward: write the finished chunk's K/V into the cache (output discarded)."""
         _, _, t_ctx = self.tables(x0.device)
         with nvtx_range("commit"):
-            self.model(x0, t_ctx, cross, cache, commit=True)
+            self.forward(x0, t_ctx, cross, cache, commit=True)
 
     # -- whole-video API -------------------------------------------------------------------------------
 
@@ -226,10 +276,11 @@ class StreamingSampler:
             # NOTE(sync): one host check per override, at the API boundary, never inside the step loop.
             if not bool(torch.isfinite(z).all()):
                 raise ValueError(f"initial_noise[{c}] contains NaN or infinite values")
+        pooled = None
         if cache is None:
             if start_chunk:
                 raise ValueError("start_chunk > 0 needs a cache holding the earlier chunks")
-            cache = self.new_cache(B, num_chunks, latent_hw)
+            cache, pooled = self._video_cache(B, num_chunks, latent_hw)
         else:
             chunk_tokens = self.model.cfg.chunk_frames * self.model.frame_tokens(*latent_hw)
             if cache.total_tokens != start_chunk * chunk_tokens:
@@ -239,14 +290,41 @@ class StreamingSampler:
         # Fail before any work if the cache cannot hold the past of the last chunk.
         chunk_tokens = self.model.cfg.chunk_frames * self.model.frame_tokens(*latent_hw)
         cache.check_fits((num_chunks - 1 - start_chunk) * chunk_tokens) if num_chunks - 1 > start_chunk else None
-        for c in range(start_chunk, num_chunks):
-            with nvtx_range(f"chunk{c}"):
-                x = (initial_noise or {}).get(c)
-                x = self.initial_noise(samples, c, latent_hw) if x is None else x.float()
-                traj = self.denoise_chunk(x, c, samples, cross, cache, record=record)
-            yield (c, traj.output, traj) if record else (c, traj.output)
-            if c < num_chunks - 1:  # the last chunk's K/V are never read: skip its commit forward
-                self.commit_chunk(traj.output, cross, cache)
+        try:
+            for c in range(start_chunk, num_chunks):
+                with nvtx_range(f"chunk{c}"):
+                    x = (initial_noise or {}).get(c)
+                    x = self.initial_noise(samples, c, latent_hw) if x is None else x.float()
+                    traj = self.denoise_chunk(x, c, samples, cross, cache, record=record)
+                yield (c, traj.output, traj) if record else (c, traj.output)
+                if c < num_chunks - 1:  # the last chunk's K/V are never read: skip its commit forward
+                    self.commit_chunk(traj.output, cross, cache)
+        finally:
+            self._busy.discard(pooled)
+
+    def _video_cache(self, B: int, num_chunks: int, latent_hw) -> tuple[KVCache, tuple | None]:
+        """The cache of one stream() call. With a CUDA-graph compile mode it is reused from call to call (one
+        per shape): a recorded graph reads fixed addresses, and a cache at a new address would be copied
+        into the graph's own input buffer at every replay (gigabytes at the 1.3B shape). A stream running
+        while another of the same shape is still open gets a private cache instead."""
+        if not self.reuse_cache:
+            return self.new_cache(B, num_chunks, latent_hw), None
+        key = (B, num_chunks, tuple(latent_hw), str(self.model.device))
+        if key in self._busy:
+            return self.new_cache(B, num_chunks, latent_hw), None
+        cache = self._pool.get(key)
+        if cache is None:
+            cache = self._pool[key] = self.new_cache(B, num_chunks, latent_hw)
+            if cache.device.type == "cuda":
+                for t in cache.storage_tensors():
+                    torch._dynamo.mark_static_address(t)
+        cache.reset()
+        self._busy.add(key)
+        return cache, key
+
+    def release_caches(self) -> None:
+        """Free the reused stream() caches (CUDA-graph compile modes keep one per video shape)."""
+        self._pool = {k: v for k, v in self._pool.items() if k in self._busy}
 
     @torch.no_grad()
     def generate(self, cross: CrossKV, *, num_chunks: int, latent_hw: tuple[int, int], **kw) -> torch.Tensor:

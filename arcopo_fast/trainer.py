@@ -81,6 +81,8 @@ class Trainer:
             self.model,
             FewStepSchedule(denoising_steps=s.denoising_steps, shift=s.shift, context_noise=s.context_noise),
             seed=cfg.run.seed,
+            compile=s.compile,
+            compile_backend=s.compile_backend,
         )
         a = cfg.algo
         self.engine = RolloutEngine(
@@ -169,7 +171,7 @@ class Trainer:
         te = TextEncoder(te_path, text_len=self.model.cfg.text_len, device=self.device, dtype=self.dtype if self.device.type == "cuda" else torch.float32, out_dtype=self.dtype, cache_dir=cache)
         if te.dim != self.model.cfg.text_dim:
             raise ValueError(f"text encoder {te_path} outputs {te.dim} channels, the model expects text_dim={self.model.cfg.text_dim}")
-        vae = WanVAE(vae_path, device=self.device, dtype=self.dtype if self.device.type == "cuda" else torch.float32)
+        vae = WanVAE(vae_path, device=self.device, dtype=self.dtype if self.device.type == "cuda" else torch.float32, memory_format=m.vae_memory_format, compile=m.vae_compile)
         return te, vae
 
     def _build_reward(self):

@@ -20,10 +20,14 @@ from e2e_common import backend, cross_for, make_setup, peak_gib, sync
 from arcopo_fast.pipeline import Generator
 from arcopo_fast.sampler import latent_frames_to_video_frames
 
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA")
 CASES = [
-    pytest.param("1.3b", "triton", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA")),
-    pytest.param("1.3b", "torch", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA")),
-    pytest.param("tiny", "torch"),
+    # (shape, ops backend, StreamingSampler compile mode): our kernels eager, our kernels inside a compiled
+    # per-step forward replayed as CUDA graphs, and the plain torch path, in one run
+    pytest.param("1.3b", "triton", None, marks=GPU),
+    pytest.param("1.3b", "triton", "reduce-overhead", marks=GPU),
+    pytest.param("1.3b", "torch", None, marks=GPU),
+    pytest.param("tiny", "torch", None),
 ]
 
 
@@ -41,9 +45,9 @@ def _video(s, cross):
     return torch.cat(out, 1), time.perf_counter() - t0, first
 
 
-@pytest.mark.parametrize("shape,be", CASES)
-def test_streaming_generation(benchmark, shape, be):
-    s = make_setup(shape)
+@pytest.mark.parametrize("shape,be,compile", CASES)
+def test_streaming_generation(benchmark, shape, be, compile):
+    s = make_setup(shape, compile=compile)
     cross = cross_for(s)
     frames = latent_frames_to_video_frames(s.num_chunks * s.model.cfg.chunk_frames)
     with backend(be), torch.no_grad():
@@ -69,11 +73,11 @@ def test_streaming_generation(benchmark, shape, be):
         e2e_s = time.perf_counter() - t2
         assert sum(c.shape[1] for c in chunks) == frames
         benchmark.extra_info.update(
-            shape=shape, backend=be, frames=frames, warmup_s=round(warm, 3), dit_s=round(dit_s, 4),
+            shape=shape, backend=be, compile=compile or "eager", frames=frames, warmup_s=round(warm, 3), dit_s=round(dit_s, 4),
             fps_dit=round(frames / dit_s, 2), first_chunk_s=round(first, 4), decode_s=round(decode_s, 4),
             e2e_s=round(e2e_s, 4), fps_e2e=round(frames / e2e_s, 2), peak_gib=round(peak_gib(s.device), 2),
             device=torch.cuda.get_device_name() if s.device.type == "cuda" else "cpu",
         )
-        print(f"\n[e2e] {shape} {be}: DiT {dit_s:.3f} s ({frames / dit_s:.1f} FPS), first chunk {first:.3f} s, "
+        print(f"\n[e2e] {shape} {be} {compile or 'eager'}: DiT {dit_s:.3f} s ({frames / dit_s:.1f} FPS), first chunk {first:.3f} s, "
               f"decode {decode_s:.3f} s, end to end {e2e_s:.3f} s ({frames / e2e_s:.1f} FPS), peak {peak_gib(s.device):.1f} GiB")
         benchmark.pedantic(lambda: _video(s, cross), rounds=1, iterations=1)

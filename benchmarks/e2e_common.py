@@ -31,7 +31,10 @@ class Setup:
     dtype: torch.dtype
 
 
-def make_setup(shape: str, *, num_chunks: int | None = None, with_vae: bool = True, seed: int = 0) -> Setup:
+def make_setup(
+    shape: str, *, num_chunks: int | None = None, with_vae: bool = True, seed: int = 0, compile: str | None = None
+) -> Setup:
+    """compile: StreamingSampler(compile=...) mode of the per-step forward (None: eager)."""
     from arcopo_fast.model.vae import WanVAE
 
     if shape == "1.3b":
@@ -53,7 +56,7 @@ def make_setup(shape: str, *, num_chunks: int | None = None, with_vae: bool = Tr
             from arcopo_fast.model.tiny_assets import ensure_tiny_assets
 
             vae = WanVAE(ensure_tiny_assets()["vae"], device=dev, dtype=dt)
-    sampler = StreamingSampler(model, FewStepSchedule(), seed=seed)
+    sampler = StreamingSampler(model, FewStepSchedule(), seed=seed, compile=compile)
     return Setup(model, sampler, vae, model.cfg.text_dim, num_chunks or L, hw, dev, dt)
 
 

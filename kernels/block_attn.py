@@ -44,6 +44,11 @@ tail of the last wave.
 No host syncs: lengths and row tables are read in-kernel (int lengths are kernel scalars), and shapes
 decide the grid. The launches can be captured in a CUDA graph. Warm the autotuner up first: its first
 call per key benchmarks the configs.
+
+torch.compile. chunk_attention and block_causal_attention run through torch.library custom ops
+(arcopo_fast::chunk_attention, ::block_causal_attention and their _bwd ops, with fake impls and
+register_autograd; see the section "torch.library custom ops"), so torch.compile(fullgraph=True) traces a
+model that calls them without a graph break, and keeps them opaque. The *_fwd entries launch directly.
 """
 
 from __future__ import annotations
@@ -794,12 +799,17 @@ def _prep_do(do: torch.Tensor) -> torch.Tensor:
     return do if do.stride(-1) == 1 else do.contiguous()
 
 
+def _zero_grads(q, k, v, need_dq, need_dkdv):
+    """Gradients of an empty problem: contiguous zeros (zeros_like would copy a strided layout)."""
+    z = lambda t: torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+    return z(q) if need_dq else None, z(k) if need_dkdv else None, z(v) if need_dkdv else None
+
+
 def _chunk_bwd(do, q, k, v, out, lse, cache, prefix, scale, need_dq, need_dkdv):
     B, Lq, H, D = q.shape
     dq = dk = dv = None
     if B * H * Lq == 0:
-        z = lambda: torch.zeros_like(q)
-        return z() if need_dq else None, z() if need_dkdv else None, z() if need_dkdv else None
+        return _zero_grads(q, k, v, need_dq, need_dkdv)
     do = _prep_do(do)
     prec = _dot_prec(q.dtype)
     with on_device(q):
@@ -858,8 +868,7 @@ def _block_causal_bwd(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_
     B, L, H, D = q.shape
     dq = dk = dv = None
     if B * H * L == 0:
-        z = lambda: torch.zeros_like(q)
-        return z() if need_dq else None, z() if need_dkdv else None, z() if need_dkdv else None
+        return _zero_grads(q, k, v, need_dq, need_dkdv)
     do = _prep_do(do)
     with on_device(q):
         delta = _bwd_delta(out, do, lse.shape)
@@ -876,47 +885,212 @@ def _block_causal_bwd(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_
 
 
 # ---------------------------------------------------------------------------------------------------------
-# autograd.Functions and the public API
+# torch.library custom ops: what autograd and torch.compile see
 # ---------------------------------------------------------------------------------------------------------
+#
+# The four ops below are opaque to torch.compile (dynamo, AOTAutograd, inductor call the Python impl; the
+# fake impls give the output metadata), so a compiled model keeps our kernels instead of tracing into
+# Triton launches. Their schemas are flat: a segment is (k, v, len: int, lens: Tensor?, rows: Tensor?),
+# with lens (int [B] or [1]) overriding len when given and k = None for no segment. The public functions
+# validate the arguments on the host first (same ValueErrors as before) and then call the ops; the ops
+# trust their inputs, apart from re-establishing a unit head-dim stride (a no-op for validated inputs).
+# Every tensor an op returns is fresh and contiguous, as its fake impl says.
+#
+#   arcopo_fast::chunk_attention(q, k, v, k_cache?, v_cache?, cache_len, cache_lens?, cache_rows?,
+#                                k_prefix?, v_prefix?, prefix_len, prefix_lens?, prefix_rows?, scale)
+#                                -> (out [B, Lq, H, D] like q, lse fp32 [B, H, Lq])
+#   arcopo_fast::chunk_attention_bwd(do, q, k, v, out, lse, <the 10 segment args>, scale, need_dq, need_dkdv)
+#                                -> (dq, dk, dv); a gradient that is not needed comes back as an empty [0]
+#   arcopo_fast::block_causal_attention(q, k, v, chunk_tokens, scale) -> (out, lse)
+#   arcopo_fast::block_causal_attention_bwd(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_dkdv)
+#                                -> (dq, dk, dv)
+#
+# Autograd (register_autograd): gradients to q, k, v only; lse is non-differentiable. The cache and prefix
+# tensors (and their lens / rows) are re-read by the backward but are stashed as plain ctx attributes,
+# not with save_for_backward: eagerly, autograd then does not version-check them, so appending tokens
+# past the read range between forward and backward (how a KV cache grows) stays legal. Overwriting the
+# tokens that were read, or changing lens / rows in place, before the backward is not legal and is not
+# detected. Under torch.compile, AOTAutograd saves the tensors the backward graph needs itself, with
+# save_for_backward unless the traced node is marked "saved_tensor_with_no_vc_check" (torch's support for
+# ctx-stashed tensors of a traced autograd.Function, torch 2.11 or so); _no_version_check_when_compiled
+# sets that mark on the stashed tensors, so the compiled path keeps the eager contract
+# (tests/test_attention_op.py). On a torch without that support the compiled path version-checks the
+# cache: there, write the next chunk into the cache after the backward.
+
+_Opt = torch.Tensor | None  # custom_op infers the schema from the annotations: Tensor?
+
+try:  # private; see _no_version_check_when_compiled
+    from torch.fx.experimental.proxy_tensor import _get_proxies
+except ImportError:
+    _get_proxies = None
 
 
-class _ChunkAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cache, prefix, scale):
-        out, lse = _chunk_fwd(q, k, v, cache, prefix, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        # NOTE: the cache/prefix tensors are re-read by the backward and are deliberately not saved with
-        # save_for_backward: appending tokens past the read range between forward and backward (how a KV
-        # cache grows) is legal and must not trip autograd's version check. Overwriting the tokens that
-        # were read is not legal and is not detected.
-        ctx.segments = (cache, prefix)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        cache, prefix = ctx.segments
-        need = ctx.needs_input_grad
-        dq, dk, dv = _chunk_bwd(do, q, k, v, out, lse, cache, prefix, ctx.scale, need[0], need[1] or need[2])
-        return dq, dk, dv, None, None, None
+def _unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    # The kernels take batch/token/head strides as arguments but need a contiguous head dim.
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-class _BlockCausalAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, chunk_tokens, scale):
-        out, lse = _block_causal_fwd(q, k, v, chunk_tokens, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.chunk_tokens, ctx.scale = chunk_tokens, scale
-        return out
+def _op_segment(kx, vx, length, lens, rows) -> _Segment | None:
+    """The ops' flat segment arguments -> _Segment (None when absent or of int length 0)."""
+    if kx is None or (lens is None and length == 0):
+        return None
+    return _Segment(_unit_stride(kx), _unit_stride(vx), length if lens is None else lens,
+                    None if rows is None else rows.contiguous())
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dq, dk, dv = _block_causal_bwd(do, q, k, v, out, lse, ctx.chunk_tokens, ctx.scale, need[0],
-                                       need[1] or need[2])
-        return dq, dk, dv, None, None
+
+def _segment_op_args(seg: _Segment | None) -> tuple:
+    """_Segment -> the ops' flat (k, v, len, lens, rows)."""
+    if seg is None:
+        return None, None, 0, None, None
+    if isinstance(seg.length, torch.Tensor):
+        return seg.k, seg.v, 0, seg.length, seg.rows
+    return seg.k, seg.v, seg.length, None, seg.rows
+
+
+def _grad_or_empty(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    # An op cannot return None: a gradient that was not asked for is an empty [0] tensor.
+    return g if g is not None else torch.empty(0, dtype=like.dtype, device=like.device)
+
+
+def _qkv_grads_fake(q, k, v, need_dq, need_dkdv):
+    def like(t, need):
+        return torch.empty(t.shape if need else (0,), dtype=t.dtype, device=t.device)
+
+    return like(q, need_dq), like(k, need_dkdv), like(v, need_dkdv)
+
+
+def _no_version_check_when_compiled(tensors) -> None:
+    """Under AOTAutograd tracing, mark tensors stashed on ctx like torch's own autograd.Function support does
+    (node meta "saved_tensor_with_no_vc_check"), so that the compiled forward saves them without a version
+    check too. Private API: where it is missing or differs this does nothing (the check then applies)."""
+    if _get_proxies is None:
+        return
+    try:
+        for t in tensors:
+            for proxy in _get_proxies(t):
+                proxy.node.meta["saved_tensor_with_no_vc_check"] = True
+    except Exception:  # noqa: BLE001 - a hint to the compiler only; never fail the forward over it
+        pass
+
+
+def _qkv_grads(ctx, dq, dk, dv):
+    need = ctx.needs_input_grad
+    return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None
+
+
+@torch.library.custom_op("arcopo_fast::chunk_attention", mutates_args=())
+def _chunk_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_cache: _Opt, v_cache: _Opt, cache_len: int, cache_lens: _Opt, cache_rows: _Opt,
+    k_prefix: _Opt, v_prefix: _Opt, prefix_len: int, prefix_lens: _Opt, prefix_rows: _Opt,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = (_unit_stride(t) for t in (q, k, v))
+    cache = _op_segment(k_cache, v_cache, cache_len, cache_lens, cache_rows)
+    prefix = _op_segment(k_prefix, v_prefix, prefix_len, prefix_lens, prefix_rows)
+    return _chunk_fwd(q, k, v, cache, prefix, scale)
+
+
+@_chunk_attention_op.register_fake
+def _chunk_attention_fake(q, k, v, *segments_and_scale):
+    B, Lq, H, D = q.shape
+    out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
+    return out, torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+
+
+@torch.library.custom_op("arcopo_fast::chunk_attention_bwd", mutates_args=())
+def _chunk_attention_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    k_cache: _Opt, v_cache: _Opt, cache_len: int, cache_lens: _Opt, cache_rows: _Opt,
+    k_prefix: _Opt, v_prefix: _Opt, prefix_len: int, prefix_lens: _Opt, prefix_rows: _Opt,
+    scale: float, need_dq: bool, need_dkdv: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, out = (_unit_stride(t) for t in (q, k, v, out))
+    cache = _op_segment(k_cache, v_cache, cache_len, cache_lens, cache_rows)
+    prefix = _op_segment(k_prefix, v_prefix, prefix_len, prefix_lens, prefix_rows)
+    dq, dk, dv = _chunk_bwd(do, q, k, v, out, lse.contiguous(), cache, prefix, scale, need_dq, need_dkdv)
+    return _grad_or_empty(dq, q), _grad_or_empty(dk, k), _grad_or_empty(dv, v)
+
+
+@_chunk_attention_bwd_op.register_fake
+def _chunk_attention_bwd_fake(do, q, k, v, *rest):
+    need_dq, need_dkdv = rest[-2:]
+    return _qkv_grads_fake(q, k, v, need_dq, need_dkdv)
+
+
+def _chunk_attention_setup(ctx, inputs, output):
+    q, k, v, *segments, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.segments = tuple(segments)  # NOT save_for_backward: no version check (see the section comment)
+    _no_version_check_when_compiled(t for t in segments if isinstance(t, torch.Tensor))
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _chunk_attention_backward(ctx, do, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dq, dk, dv = _chunk_attention_bwd_op(do, q, k, v, out, lse, *ctx.segments, ctx.scale, need[0],
+                                         need[1] or need[2])
+    return (*_qkv_grads(ctx, dq, dk, dv), *(None,) * (len(need) - 3))
+
+
+_chunk_attention_op.register_autograd(_chunk_attention_backward, setup_context=_chunk_attention_setup)
+
+
+@torch.library.custom_op("arcopo_fast::block_causal_attention", mutates_args=())
+def _block_causal_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_tokens: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = (_unit_stride(t) for t in (q, k, v))
+    return _block_causal_fwd(q, k, v, chunk_tokens, scale)
+
+
+@_block_causal_op.register_fake
+def _block_causal_fake(q, k, v, chunk_tokens, scale):
+    B, L, H, D = q.shape
+    out = torch.empty((B, L, H, D), dtype=q.dtype, device=q.device)
+    return out, torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+
+
+@torch.library.custom_op("arcopo_fast::block_causal_attention_bwd", mutates_args=())
+def _block_causal_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    chunk_tokens: int, scale: float, need_dq: bool, need_dkdv: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, out = (_unit_stride(t) for t in (q, k, v, out))
+    dq, dk, dv = _block_causal_bwd(do, q, k, v, out, lse.contiguous(), chunk_tokens, scale, need_dq, need_dkdv)
+    return _grad_or_empty(dq, q), _grad_or_empty(dk, k), _grad_or_empty(dv, v)
+
+
+@_block_causal_bwd_op.register_fake
+def _block_causal_bwd_fake(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_dkdv):
+    return _qkv_grads_fake(q, k, v, need_dq, need_dkdv)
+
+
+def _block_causal_setup(ctx, inputs, output):
+    q, k, v, chunk_tokens, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.chunk_tokens, ctx.scale = chunk_tokens, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _block_causal_backward(ctx, do, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dq, dk, dv = _block_causal_bwd_op(do, q, k, v, out, lse, ctx.chunk_tokens, ctx.scale, need[0],
+                                      need[1] or need[2])
+    return (*_qkv_grads(ctx, dq, dk, dv), None, None)
+
+
+_block_causal_op.register_autograd(_block_causal_backward, setup_context=_block_causal_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------
 
 
 def _chunk_inputs(q, k, v, k_cache, v_cache, cache_len, cache_rows, k_prefix, v_prefix, prefix_len, prefix_rows):
@@ -984,11 +1158,14 @@ def chunk_attention(
 
     Returns out [B, Lq, H, D] in q's dtype. Row indices and tensor lengths are not range-checked on the
     host (that would sync); lengths are clamped in-kernel, out-of-range rows are undefined behaviour.
-    The backward re-reads the cache and prefix: do not overwrite the tokens read before it runs.
+    The backward re-reads the cache and prefix (and their lengths and rows): do not overwrite the tokens
+    read, nor change the length or row tensors in place, before it runs. Appending past them is fine.
     """
     q, k, v, cache, prefix = _chunk_inputs(q, k, v, k_cache, v_cache, cache_len, cache_rows,
                                            k_prefix, v_prefix, prefix_len, prefix_rows)
-    return _ChunkAttention.apply(q, k, v, cache, prefix, _scale(scale, q.shape[-1]))
+    out, _ = _chunk_attention_op(q, k, v, *_segment_op_args(cache), *_segment_op_args(prefix),
+                                 _scale(scale, q.shape[-1]))
+    return out
 
 
 def _check_chunk_tokens(chunk_tokens) -> int:
@@ -1027,7 +1204,8 @@ def block_causal_attention(
     """
     q, k, v = _prep_qkv(q, k, v)
     chunk_tokens = _check_chunk_tokens(chunk_tokens)
-    return _BlockCausalAttention.apply(q, k, v, chunk_tokens, _scale(scale, q.shape[-1]))
+    out, _ = _block_causal_op(q, k, v, chunk_tokens, _scale(scale, q.shape[-1]))
+    return out
 
 
 __all__ = ["chunk_attention", "chunk_attention_fwd", "block_causal_attention", "block_causal_attention_fwd"]

@@ -41,6 +41,8 @@ def test_overrides_and_files(tmp_path):
         ("model.checkpoint=/nonexistent/ckpt.pt", "model.checkpoint"),
         ("data.prompts=/nonexistent.txt", "data.prompts"),
         ("model.dtype=float16", "model.dtype"),
+        ("model.vae_memory_format=channels_last", "model.vae_memory_format"),
+        ("model.vae_compile=reduce-overhead", "model.vae_compile"),
         ("algo.group_size=abc", "algo.group_size"),
         ("algo.bogus=1", "algo"),
     ],

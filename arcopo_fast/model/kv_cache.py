@@ -211,6 +211,16 @@ class KVCache:
             raise ValueError("a rolling-window cache that has wrapped cannot be rewound")
         self._s.total_tokens = total_tokens
 
+    def reset(self) -> None:
+        """Empty the cache for a new video (positions only: stale data past the valid length is never read)."""
+        if self.zero_copy:
+            raise ValueError("a zero-copy branch cannot be reset (its prefix belongs to the parent)")
+        self._s.total_tokens = 0
+
+    def storage_tensors(self) -> list[torch.Tensor]:
+        """This cache's own K and V tensors of every layer (not a zero-copy prefix)."""
+        return [*self._s.k, *self._s.v]
+
     def check_fits(self, num_tokens: int) -> None:
         """Raise unless `num_tokens` more tokens can be committed."""
         if not self._s.ring and self.own_tokens + num_tokens > self._s.capacity:

@@ -61,15 +61,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RopeTables:
-    """Memo of cos/sin tables per (start_frame, frames, height, width, device): a streaming run needs
-    one per chunk position, so they are built once instead of every layer and step."""
+    """cos/sin tables per chunk position. Eager: a memo per (start_frame, frames, height, width, device), so a
+    streaming run builds one per chunk position instead of one per layer and step. Under torch.compile: the
+    chunk's rows are gathered from per-axis tables (time [rope_max_positions], height, width) by slicing at
+    start_frame, so the compiled graph does not specialise on the chunk position (one graph serves every
+    chunk). Both give identical values: each entry is cos/sin of the same float64 angle rounded to float32."""
 
     def __init__(self, cfg: ModelConfig, max_entries: int = 64):
         self.cfg = cfg
         self.max_entries = max_entries
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._axes: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def get(self, start_frame: int, frames: int, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            return self._sliced(start_frame, frames, height, width, device)
         key = (start_frame, frames, height, width, str(device))
         hit = self._tables.get(key)
         if hit is None:
@@ -77,3 +83,36 @@ class RopeTables:
                 self._tables.pop(next(iter(self._tables)))
             hit = self._tables[key] = rope_cos_sin(self.cfg, start_frame, frames, height, width, device)
         return hit
+
+    def axis_tables(self, device) -> tuple[torch.Tensor, ...]:
+        """(cos_t, sin_t, cos_h, sin_h, cos_w, sin_w): float32 [rope_max_positions, pairs of the axis]."""
+        key = str(device)
+        if key not in self._axes:
+            n = self.cfg.rope_max_positions
+            pos = torch.arange(n, dtype=torch.float64)
+            tabs = []
+            for pairs in self.cfg.rope_split:
+                ang = torch.outer(pos, _inv_freq(pairs, self.cfg.rope_theta))
+                tabs += [torch.cos(ang).float().to(device), torch.sin(ang).float().to(device)]
+            self._axes[key] = tuple(tabs)
+        return self._axes[key]
+
+    def _sliced(self, start_frame, frames, height, width, device) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.cfg.rope_max_positions
+        if start_frame < 0 or start_frame + frames > n or max(height, width) > n:
+            raise ValueError(f"frames [{start_frame}, {start_frame + frames}) or grid {height}x{width} exceed the "
+                             f"RoPE table of {n} positions (ModelConfig.rope_max_positions)")
+        ct, st, ch, sh, cw, sw = self.axis_tables(device)
+        pt, ph, pw = self.cfg.rope_split
+
+        def grid(t, h, w):
+            return torch.cat(
+                [
+                    t[start_frame : start_frame + frames, None, None, :].expand(frames, height, width, pt),
+                    h[:height][None, :, None, :].expand(frames, height, width, ph),
+                    w[:width][None, None, :, :].expand(frames, height, width, pw),
+                ],
+                dim=-1,
+            ).reshape(frames * height * width, pt + ph + pw)
+
+        return grid(ct, ch, cw), grid(st, sh, sw)

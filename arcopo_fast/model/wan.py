@@ -86,8 +86,9 @@ class SelfAttention(_Attention):
         shape = (B, N, self.num_heads, self.head_dim)
         q, k = _linear(self.q, x), _linear(self.k, x)
         wq, wk = self.norm_q.weight, self.norm_k.weight
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, wq, wk)):
-            # Training: the modules' autograd path (numerics identical to ops' torch backend).
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, wq, wk))):
+            # Training: the modules' autograd path (numerics identical to ops' torch backend). Compiled:
+            # the same ops, which Inductor fuses into one kernel (the Triton launch would be opaque to it).
             q = apply_rope(self.norm_q(q).view(shape), *rope)
             k = apply_rope(self.norm_k(k).view(shape), *rope)
         else:  # inference (rollouts, sampling): one fused RMSNorm + RoPE launch on the triton backend
