@@ -32,7 +32,6 @@ from .model.wan import CausalWanModel
 from .noise import NoiseKind, NoisePlan
 from .profiling import nvtx_range
 
-
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """StreamingSampler(compile=...): torch.compile modes for the per-step forward (None: eager)."""
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")

@@ -991,11 +991,15 @@ def _chunk_attention_op(
     return _chunk_fwd(q, k, v, cache, prefix, scale)
 
 
+def _out_lse_fake(q):
+    """(out like q, contiguous; lse float32 [B, H, L]): what both forward ops return."""
+    B, L, H, D = q.shape
+    return torch.empty((B, L, H, D), dtype=q.dtype, device=q.device), torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+
+
 @_chunk_attention_op.register_fake
 def _chunk_attention_fake(q, k, v, *segments_and_scale):
-    B, Lq, H, D = q.shape
-    out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
-    return out, torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    return _out_lse_fake(q)
 
 
 @torch.library.custom_op("arcopo_fast::chunk_attention_bwd", mutates_args=())
@@ -1049,9 +1053,7 @@ def _block_causal_op(
 
 @_block_causal_op.register_fake
 def _block_causal_fake(q, k, v, chunk_tokens, scale):
-    B, L, H, D = q.shape
-    out = torch.empty((B, L, H, D), dtype=q.dtype, device=q.device)
-    return out, torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    return _out_lse_fake(q)
 
 
 @torch.library.custom_op("arcopo_fast::block_causal_attention_bwd", mutates_args=())

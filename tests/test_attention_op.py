@@ -9,22 +9,16 @@ Runs on CPU under TRITON_INTERPRET=1 (set before triton is imported), on CUDA ot
 
 from __future__ import annotations
 
-import os
+from triton_env import DEVICE, require_kernel_device
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+require_kernel_device()  # sets TRITON_INTERPRET=1 (CPU) unless chosen; before triton is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-pytest.importorskip("triton")
-
 from arcopo_fast import ops  # noqa: E402
 from arcopo_fast.kernels import block_attn as ba  # noqa: E402
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("block_attn kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-DEVICE = "cpu" if INTERPRET else "cuda"
 B, LQ, H, D, LC = 2, 24, 2, 16, 40  # tiny: the interpreter is slow
 
 CHUNK_FWD = torch.ops.arcopo_fast.chunk_attention.default

@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_env import DEVICE, INTERPRET, require_kernel_device
+
+require_kernel_device()  # sets TRITON_INTERPRET=1 (CPU) unless chosen; before triton is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-pytest.importorskip("triton")
 
 from arcopo_fast import ops  # noqa: E402
 from arcopo_fast.kernels import block_attn as ba  # noqa: E402
 from arcopo_fast.kernels import reference as ref  # noqa: E402
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("block_attn kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-DEVICE = "cpu" if INTERPRET else "cuda"
 LOW = (torch.float16, torch.bfloat16)
 
 

@@ -10,26 +10,21 @@ at most 2x the error of the torch path in the same dtype (flash-attention's rule
 
 from __future__ import annotations
 
-import os
+from triton_env import DEVICE, require_kernel_device
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+require_kernel_device()  # sets TRITON_INTERPRET=1 (CPU) unless chosen; before triton is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-pytest.importorskip("triton")
 
 from arcopo_fast.kernels import neighbour as nb  # noqa: E402
 from arcopo_fast.kernels import reference as ref  # noqa: E402
 
 from arcopo_fast import ops  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter converts float32 -> bfloat16 by truncation (measured: up to 1 ulp, where CUDA rounds to
 # nearest even, half an ulp), so the kernel's bf16 gradient may be one ulp off there: 3x instead of 2x.
 BF16_GRAD_FACTOR = 2.0 if DEVICE == "cuda" else 3.0
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 
 def _inputs(A, G, shape, dtype, old_dtype, seed, spread=0.1):

@@ -11,9 +11,9 @@ order moves a rounding (at most a couple of ulps of the output, on a small fract
 
 from __future__ import annotations
 
-import os
+from triton_env import DEVICE, INTERPRET, require_kernel_device
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+require_kernel_device()  # sets TRITON_INTERPRET=1 (CPU) unless chosen; before triton is imported
 
 import functools  # noqa: E402
 
@@ -21,18 +21,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from model_helpers import make_tiny_model  # noqa: E402
 
-pytest.importorskip("triton")
-
 from arcopo_fast import ops  # noqa: E402
 from arcopo_fast.kernels import qk_norm_rope as qnr  # noqa: E402
 from arcopo_fast.kernels import reference as ref  # noqa: E402
 from arcopo_fast.model.rope import apply_rope, rope_cos_sin  # noqa: E402
 from arcopo_fast.model.wan import RMSNorm  # noqa: E402
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("qk_norm_rope kernel needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-DEVICE = "cpu" if INTERPRET else "cuda"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EPS = 1e-6
 

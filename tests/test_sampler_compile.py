@@ -6,9 +6,7 @@ generation (minutes on this CPU). The Inductor + CUDA-graph path runs in tests/t
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the triton case runs on CPU
+from triton_env import INTERPRET  # sets TRITON_INTERPRET=1 unless chosen: the triton case runs on CPU
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -92,7 +90,7 @@ def test_compiled_forked_rollout_equals_eager(fork):
     assert 0 < cnt.frame_count <= 8
 
 
-@pytest.mark.skipif(os.environ["TRITON_INTERPRET"] != "1", reason="the CUDA run of this path is in test_gpu_paths.py")
+@pytest.mark.skipif(not INTERPRET, reason="the CUDA run of this path is in test_gpu_paths.py")
 def test_compiled_generation_through_the_triton_attention_op(monkeypatch):
     """The GPU configuration (the Triton chunk attention as an opaque custom op inside the graph), traced on
     CPU by the interpreter: no graph break, eager numbers."""

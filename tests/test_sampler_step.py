@@ -12,14 +12,12 @@ in torch on CPU, libdevice on CUDA). Measured here: max |z_triton - z_ref| = 4.8
 
 from __future__ import annotations
 
-import os
+from triton_env import DEVICE, require_kernel_device
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+require_kernel_device()  # sets TRITON_INTERPRET=1 (CPU) unless chosen; before triton is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-pytest.importorskip("triton")
 
 from arcopo_fast.kernels import reference as ref  # noqa: E402
 from arcopo_fast.kernels import sampler_step as ss  # noqa: E402
@@ -28,9 +26,6 @@ from arcopo_fast import ops  # noqa: E402
 from arcopo_fast.noise import NoiseKind, NoisePlan  # noqa: E402
 
 NORMAL_ATOL = 1e-5  # library-dependent last bits of log/cos, see the module docstring
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 
 def _rand_words(n, gen):
