@@ -20,11 +20,20 @@ from arcopo_fast.sampler import StreamingSampler  # noqa: E402
 HW = (4, 6)  # not square: duck sizing would otherwise tie height to width in the guards
 
 
+def _reset_dynamo():
+    # reset() resets every registered backend while iterating over them; the first reset of a CUDA-graph
+    # Inductor backend imports cudagraph_trees, which registers one more backend (torch 2.13: "dictionary
+    # changed size during iteration"). Importing it first keeps the registry still.
+    import torch._inductor.cudagraph_trees  # noqa: F401
+
+    torch._dynamo.reset()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    torch._dynamo.reset()
+    _reset_dynamo()
     yield
-    torch._dynamo.reset()
+    _reset_dynamo()
 
 
 def _counted(sampler: StreamingSampler) -> CompileCounterWithBackend:
