@@ -7,8 +7,8 @@ per child per tensor), measured in the same run on the same caches.
 Shape: 30 layers x (K, V) = 60 tensors [1 + children, prefix, 12, 128] bf16; row 0 is the parent.
 Bytes per fork (reads + writes, the ceiling's unit: about 3.0 TB/s on an H100):
     2 * children * tensors * prefix * heads * head_dim * element_size
-e.g. 18720 tokens, 8 children: 27.6 GB written + 27.6 GB read. Time: median of CUDA-event timings after
-warm-up (extra_info: ms, TB/s, and for kv_fork the baselines' TB/s and the ratios); the pytest-benchmark
+e.g. 18720 tokens, 8 children: 27.6 GB written + 27.6 GB read. Time: bench_helpers.cuda_time_ms (median after
+warm-up) (extra_info: ms, TB/s, and for kv_fork the baselines' TB/s and the ratios); the pytest-benchmark
 table times each call followed by torch.cuda.synchronize().
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bench_helpers import cuda_time_ms
 
 from arcopo_fast import ext
 
@@ -56,22 +57,6 @@ def make_caches(layers, rows, tokens, heads, head_dim, dtype, device):
     return caches, torch.zeros_like(children), children
 
 
-def cuda_ms(fn, warmup: int = 2, reps: int = 5) -> float:
-    """Median CUDA-event time of fn() in ms, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def _check(caches, dst_list, n):
     for c in (caches[0], caches[-1]):
         assert torch.equal(c[dst_list[-1], :n], c[0, :n])
@@ -105,12 +90,12 @@ def test_fork_cuda(benchmark, cuda_caches, impl):
     fn = IMPLS[impl]
     run = lambda f=fn: f(caches, src, dst, dst_list, prefix)
     gb = fork_bytes(caches, children, prefix) / 1e9
-    ms = cuda_ms(run)
+    ms = cuda_time_ms(run)
     info = {"ms": ms, "GB_moved": gb, "TB/s": gb / ms}  # GB / ms = TB/s
     if impl == "kv_fork":
         # Baselines re-measured here, on the same caches in the same process, for the ratios.
         for name in ("index", "copy_loop"):
-            base_ms = cuda_ms(lambda f=IMPLS[name]: f(caches, src, dst, dst_list, prefix))
+            base_ms = cuda_time_ms(lambda f=IMPLS[name]: f(caches, src, dst, dst_list, prefix))
             info[f"{name}_TB/s"] = gb / base_ms
             info[f"speedup_vs_{name}"] = base_ms / ms
     benchmark.extra_info.update(info)

@@ -145,6 +145,18 @@ def _autotuned(kernel, extra_keys=()):
 
 
 @triton.jit
+def _head_base(P, b, h, stride_b, stride_h):
+    """Pointer to row b, head h of a [B, L, H, D] tensor (int64 batch offset: B * L * H * D may pass 2^31)."""
+    return P + b.to(tl.int64) * stride_b + h * stride_h
+
+
+@triton.jit
+def _tile_ptrs(P, b, h, stride_b, stride_h, rows, stride_n, offs_d):
+    """[len(rows), D] pointers of tokens `rows` of row b, head h."""
+    return _head_base(P, b, h, stride_b, stride_h) + rows[:, None] * stride_n + offs_d[None, :]
+
+
+@triton.jit
 def _mma(a, b, acc, DOT_PREC: tl.constexpr):
     """a @ b + acc with fp32 accumulation. DOT_PREC "upcast" feeds fp32 copies: the CPU interpreter of
     triton 3.9 multiplies bf16 operands as their raw uint16 bits, and bf16 x bf16 products are exact in fp32,
@@ -338,8 +350,7 @@ def _chunk_attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < Lq
-    q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(_tile_ptrs(Q, b, h, stride_qb, stride_qh, offs_m, stride_qn, offs_d), mask=row_ok[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -363,8 +374,8 @@ def _chunk_attn_fwd_kernel(
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kc, vc, stride_kcn, stride_vcn, n_full, n, n, unused,
                                    offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
     # the chunk's own keys: every query sees all Lq of them
-    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    k_base = _head_base(K, b, h, stride_kb, stride_kh)
+    v_base = _head_base(V, b, h, stride_vb, stride_vh)
     n_full = (Lq // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, 0, n_full, Lq, unused,
                                offs_n, offs_d, qk_scale, False, False, BLOCK_N, DOT_PREC)
@@ -372,9 +383,8 @@ def _chunk_attn_fwd_kernel(
                                offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
 
     acc = acc / l_i[:, None]
-    o_base = Out + b.to(tl.int64) * stride_ob + h * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], _cast(acc, Out.dtype.element_ty, DOT_PREC),
-             mask=row_ok[:, None])
+    tl.store(_tile_ptrs(Out, b, h, stride_ob, stride_oh, offs_m, stride_on, offs_d),
+             _cast(acc, Out.dtype.element_ty, DOT_PREC), mask=row_ok[:, None])
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
     tl.store(Lse + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
 
@@ -392,9 +402,9 @@ def _bwd_delta_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     ok = offs_m < L
-    o = tl.load(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+    o = tl.load(_tile_ptrs(Out, b, h, stride_ob, stride_oh, offs_m, stride_on, offs_d),
                 mask=ok[:, None], other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+    do = tl.load(_tile_ptrs(DO, b, h, stride_dob, stride_doh, offs_m, stride_don, offs_d),
                  mask=ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + bh.to(tl.int64) * L + offs_m, delta, mask=ok)
@@ -429,9 +439,9 @@ def _chunk_attn_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < Lq
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+    q = tl.load(_tile_ptrs(Q, b, h, stride_qb, stride_qh, offs_m, stride_qn, offs_d),
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+    do = tl.load(_tile_ptrs(DO, b, h, stride_dob, stride_doh, offs_m, stride_don, offs_d),
                  mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(Lse + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
@@ -454,15 +464,15 @@ def _chunk_attn_bwd_dq_kernel(
                        offs_n, offs_d, qk_scale, False, False, BLOCK_N, DOT_PREC)
         dq = _dq_tiles(dq, q, do, lse2, delta, kc, vc, stride_kcn, stride_vcn, n_full, n, n, unused,
                        offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
-    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    k_base = _head_base(K, b, h, stride_kb, stride_kh)
+    v_base = _head_base(V, b, h, stride_vb, stride_vh)
     n_full = (Lq // BLOCK_N) * BLOCK_N
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 0, n_full, Lq, unused,
                    offs_n, offs_d, qk_scale, False, False, BLOCK_N, DOT_PREC)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, n_full, Lq, Lq, unused,
                    offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
     dq = dq * sm_scale
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+    tl.store(_tile_ptrs(DQ, b, h, stride_dqb, stride_dqh, offs_m, stride_dqn, offs_d),
              _cast(dq, DQ.dtype.element_ty, DOT_PREC), mask=row_ok[:, None])
 
 
@@ -489,14 +499,14 @@ def _dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = cols < L
-    k = tl.load(K + b.to(tl.int64) * stride_kb + h * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
+    k = tl.load(_tile_ptrs(K, b, h, stride_kb, stride_kh, cols, stride_kn, offs_d),
                 mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + cols[:, None] * stride_vn + offs_d[None, :],
+    v = tl.load(_tile_ptrs(V, b, h, stride_vb, stride_vh, cols, stride_vn, offs_d),
                 mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-    do_base = DO + b.to(tl.int64) * stride_dob + h * stride_doh
+    q_base = _head_base(Q, b, h, stride_qb, stride_qh)
+    do_base = _head_base(DO, b, h, stride_dob, stride_doh)
     lse_base = Lse + bh.to(tl.int64) * L
     delta_base = Delta + bh.to(tl.int64) * L
     l_floor = (L // BLOCK_M) * BLOCK_M
@@ -520,9 +530,9 @@ def _dkdv_kernel(
                          q_full_end, L, L, chunk_tokens, offs_m, offs_d, qk_scale,
                          True, CAUSAL, BLOCK_M, DOT_PREC)
     dk = dk * sm_scale
-    tl.store(DK + b.to(tl.int64) * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :],
+    tl.store(_tile_ptrs(DK, b, h, stride_dkb, stride_dkh, cols, stride_dkn, offs_d),
              _cast(dk, DK.dtype.element_ty, DOT_PREC), mask=col_ok[:, None])
-    tl.store(DV + b.to(tl.int64) * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :],
+    tl.store(_tile_ptrs(DV, b, h, stride_dvb, stride_dvh, cols, stride_dvn, offs_d),
              _cast(dv, DV.dtype.element_ty, DOT_PREC), mask=col_ok[:, None])
 
 
@@ -545,6 +555,18 @@ def _causal_key_ranges(offs_m, start_m, chunk_tokens, L, BLOCK_M: tl.constexpr, 
 
 
 @triton.jit
+def _causal_q_tile(H, L, chunk_tokens, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's q tile of the block-causal grid (cdiv(L, BLOCK_M), B * H), heaviest (last) tiles first
+    to shorten the last wave: (bh, b, h, offs_m, row_ok, and the key ranges of _causal_key_ranges)."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    kend, hi_end, n_full = _causal_key_ranges(offs_m, start_m, chunk_tokens, L, BLOCK_M, BLOCK_N)
+    return bh, bh // H, bh % H, offs_m, offs_m < L, kend, hi_end, n_full
+
+
+@triton.jit
 def _block_causal_fwd_kernel(
     Q, K, V, Out, Lse,  # [B, L, H, D]; Lse [B, H, L] fp32
     stride_qb, stride_qn, stride_qh,
@@ -556,30 +578,23 @@ def _block_causal_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # grid: (cdiv(L, BLOCK_M), B * H), heaviest (last) q tiles first
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    bh, b, h, offs_m, row_ok, kend, hi_end, n_full = _causal_q_tile(H, L, chunk_tokens, BLOCK_M, BLOCK_N)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < L
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+    q = tl.load(_tile_ptrs(Q, b, h, stride_qb, stride_qh, offs_m, stride_qn, offs_d),
                 mask=row_ok[:, None], other=0.0)
-    kend, hi_end, n_full = _causal_key_ranges(offs_m, start_m, chunk_tokens, L, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    k_base = _head_base(K, b, h, stride_kb, stride_kh)
+    v_base = _head_base(V, b, h, stride_vb, stride_vh)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, 0, n_full, L, kend,
                                offs_n, offs_d, qk_scale, False, True, BLOCK_N, DOT_PREC)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, n_full, hi_end, hi_end,
                                kend, offs_n, offs_d, qk_scale, True, True, BLOCK_N, DOT_PREC)
     acc = acc / l_i[:, None]
-    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+    tl.store(_tile_ptrs(Out, b, h, stride_ob, stride_oh, offs_m, stride_on, offs_d),
              _cast(acc, Out.dtype.element_ty, DOT_PREC), mask=row_ok[:, None])
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
@@ -597,31 +612,24 @@ def _block_causal_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # grid: (cdiv(L, BLOCK_M), B * H), heaviest q tiles first; same key ranges as the forward
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    bh, b, h, offs_m, row_ok, kend, hi_end, n_full = _causal_q_tile(H, L, chunk_tokens, BLOCK_M, BLOCK_N)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < L
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+    q = tl.load(_tile_ptrs(Q, b, h, stride_qb, stride_qh, offs_m, stride_qn, offs_d),
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+    do = tl.load(_tile_ptrs(DO, b, h, stride_dob, stride_doh, offs_m, stride_don, offs_d),
                  mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
-    kend, hi_end, n_full = _causal_key_ranges(offs_m, start_m, chunk_tokens, L, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    k_base = _head_base(K, b, h, stride_kb, stride_kh)
+    v_base = _head_base(V, b, h, stride_vb, stride_vh)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 0, n_full, L, kend,
                    offs_n, offs_d, qk_scale, False, True, BLOCK_N, DOT_PREC)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, n_full, hi_end, hi_end, kend,
                    offs_n, offs_d, qk_scale, True, True, BLOCK_N, DOT_PREC)
     dq = dq * sm_scale
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+    tl.store(_tile_ptrs(DQ, b, h, stride_dqb, stride_dqh, offs_m, stride_dqn, offs_d),
              _cast(dq, DQ.dtype.element_ty, DOT_PREC), mask=row_ok[:, None])
 
 
