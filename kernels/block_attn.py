@@ -225,6 +225,17 @@ def _fwd_tiles(
 
 
 @triton.jit
+def _fwd_segment(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, n, offs_n, offs_d, qk_scale,
+                 BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """All n keys of one unmasked segment: the full tiles without a mask, then the tail tile masked."""
+    n_full = (n // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, 0, n_full, n, offs_n,
+                               offs_n, offs_d, qk_scale, False, False, BLOCK_N, DOT_PREC)
+    return _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, n_full, n, n, offs_n,
+                      offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
+
+
+@triton.jit
 def _dq_tiles(
     dq, q, do, lse2, delta,
     K, V, stride_kn, stride_vn,
@@ -256,6 +267,17 @@ def _dq_tiles(
         ds = p * (dp - delta[:, None])
         dq = _mma(_cast(ds, q.dtype, DOT_PREC), k, dq, DOT_PREC)
     return dq
+
+
+@triton.jit
+def _dq_segment(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, n, offs_n, offs_d, qk_scale,
+                BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dq over all n keys of one unmasked segment (full tiles, then the masked tail), as _fwd_segment."""
+    n_full = (n // BLOCK_N) * BLOCK_N
+    dq = _dq_tiles(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, 0, n_full, n, offs_n, offs_n, offs_d,
+                   qk_scale, False, False, BLOCK_N, DOT_PREC)
+    return _dq_tiles(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, n_full, n, n, offs_n, offs_n, offs_d,
+                     qk_scale, True, False, BLOCK_N, DOT_PREC)
 
 
 @triton.jit
@@ -355,32 +377,22 @@ def _chunk_attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    unused = offs_m  # row_limit placeholder (ROW_LIMIT=False)
 
     if HAS_PREFIX:
         kp, vp, n = _segment(KP, VP, PROWS, PLEN, prefix_len, plen_stride, prefix_max, b, h,
                              stride_kpb, stride_kph, stride_vpb, stride_vph, True, PLEN_PTR)
-        n_full = (n // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kp, vp, stride_kpn, stride_vpn, 0, n_full, n, unused,
-                                   offs_n, offs_d, qk_scale, False, False, BLOCK_N, DOT_PREC)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kp, vp, stride_kpn, stride_vpn, n_full, n, n, unused,
-                                   offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
+        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, kp, vp, stride_kpn, stride_vpn, n, offs_n, offs_d,
+                                     qk_scale, BLOCK_N, DOT_PREC)
     if HAS_CACHE:
         kc, vc, n = _segment(KC, VC, CROWS, CLEN, cache_len, clen_stride, cache_max, b, h,
                              stride_kcb, stride_kch, stride_vcb, stride_vch, CACHE_ROWS, CLEN_PTR)
-        n_full = (n // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kc, vc, stride_kcn, stride_vcn, 0, n_full, n, unused,
-                                   offs_n, offs_d, qk_scale, False, False, BLOCK_N, DOT_PREC)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kc, vc, stride_kcn, stride_vcn, n_full, n, n, unused,
-                                   offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
+        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, kc, vc, stride_kcn, stride_vcn, n, offs_n, offs_d,
+                                     qk_scale, BLOCK_N, DOT_PREC)
     # the chunk's own keys: every query sees all Lq of them
     k_base = _head_base(K, b, h, stride_kb, stride_kh)
     v_base = _head_base(V, b, h, stride_vb, stride_vh)
-    n_full = (Lq // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, 0, n_full, Lq, unused,
-                               offs_n, offs_d, qk_scale, False, False, BLOCK_N, DOT_PREC)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, n_full, Lq, Lq, unused,
-                               offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
+    acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, Lq, offs_n, offs_d,
+                                 qk_scale, BLOCK_N, DOT_PREC)
 
     acc = acc / l_i[:, None]
     tl.store(_tile_ptrs(Out, b, h, stride_ob, stride_oh, offs_m, stride_on, offs_d),
@@ -446,31 +458,21 @@ def _chunk_attn_bwd_dq_kernel(
     lse2 = tl.load(Lse + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    unused = offs_m
 
     if HAS_PREFIX:
         kp, vp, n = _segment(KP, VP, PROWS, PLEN, prefix_len, plen_stride, prefix_max, b, h,
                              stride_kpb, stride_kph, stride_vpb, stride_vph, True, PLEN_PTR)
-        n_full = (n // BLOCK_N) * BLOCK_N
-        dq = _dq_tiles(dq, q, do, lse2, delta, kp, vp, stride_kpn, stride_vpn, 0, n_full, n, unused,
-                       offs_n, offs_d, qk_scale, False, False, BLOCK_N, DOT_PREC)
-        dq = _dq_tiles(dq, q, do, lse2, delta, kp, vp, stride_kpn, stride_vpn, n_full, n, n, unused,
-                       offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
+        dq = _dq_segment(dq, q, do, lse2, delta, kp, vp, stride_kpn, stride_vpn, n, offs_n, offs_d,
+                         qk_scale, BLOCK_N, DOT_PREC)
     if HAS_CACHE:
         kc, vc, n = _segment(KC, VC, CROWS, CLEN, cache_len, clen_stride, cache_max, b, h,
                              stride_kcb, stride_kch, stride_vcb, stride_vch, CACHE_ROWS, CLEN_PTR)
-        n_full = (n // BLOCK_N) * BLOCK_N
-        dq = _dq_tiles(dq, q, do, lse2, delta, kc, vc, stride_kcn, stride_vcn, 0, n_full, n, unused,
-                       offs_n, offs_d, qk_scale, False, False, BLOCK_N, DOT_PREC)
-        dq = _dq_tiles(dq, q, do, lse2, delta, kc, vc, stride_kcn, stride_vcn, n_full, n, n, unused,
-                       offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
+        dq = _dq_segment(dq, q, do, lse2, delta, kc, vc, stride_kcn, stride_vcn, n, offs_n, offs_d,
+                         qk_scale, BLOCK_N, DOT_PREC)
     k_base = _head_base(K, b, h, stride_kb, stride_kh)
     v_base = _head_base(V, b, h, stride_vb, stride_vh)
-    n_full = (Lq // BLOCK_N) * BLOCK_N
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 0, n_full, Lq, unused,
-                   offs_n, offs_d, qk_scale, False, False, BLOCK_N, DOT_PREC)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, n_full, Lq, Lq, unused,
-                   offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
+    dq = _dq_segment(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, Lq, offs_n, offs_d,
+                     qk_scale, BLOCK_N, DOT_PREC)
     dq = dq * sm_scale
     tl.store(_tile_ptrs(DQ, b, h, stride_dqb, stride_dqh, offs_m, stride_dqn, offs_d),
              _cast(dq, DQ.dtype.element_ty, DOT_PREC), mask=row_ok[:, None])
