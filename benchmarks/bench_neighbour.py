@@ -21,7 +21,7 @@ import functools
 import pytest
 import torch
 from arcopo_fast.kernels import reference as ref
-from bench_helpers import cuda_time_ms, requires_cuda
+from bench_helpers import record, requires_cuda
 
 from arcopo_fast import ops
 
@@ -30,22 +30,11 @@ TAU = 0.01
 
 
 def _report(benchmark, name: str, fn, bytes_read: int, **extra) -> float:
-    us = cuda_time_ms(fn, rep_ms=200) * 1e3
-    gbps = bytes_read / (us * 1e-6) / 1e9
-    benchmark.extra_info.update(
-        device_us=round(us, 2),
-        gbps_read=round(gbps, 1),
-        bytes_read=bytes_read,
-        device=torch.cuda.get_device_name(),
-        **extra,
-    )
-    print(f"\n[neighbour] {name:<22} {us:9.2f} us  {gbps:8.1f} GB/s read  {extra or ''}")
-
-    def synced():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(synced, rounds=50, warmup_rounds=5, iterations=1)
+    """bench_helpers.record with GB/s counting the bytes READ (see the module docstring); returns us."""
+    us = record(benchmark, fn, cuda=True, nbytes=bytes_read, rounds=50, rep_ms=200, bytes_read=bytes_read,
+                device=torch.cuda.get_device_name(), **extra) * 1e3
+    benchmark.extra_info["device_us"] = round(us, 2)
+    print(f"\n[neighbour] {name:<22} {us:9.2f} us  {benchmark.extra_info['gbps']:8.1f} GB/s read  {extra or ''}")
     return us
 
 

@@ -21,7 +21,7 @@ import time
 
 import pytest
 import torch
-from bench_helpers import cuda_time_ms, requires_cuda
+from bench_helpers import record, requires_cuda
 
 from arcopo_fast import ops
 from arcopo_fast.noise import NoiseKind, NoisePlan
@@ -30,30 +30,15 @@ CHUNK = (3, 16, 60, 104)  # [F, C, H, W] of one Self-Forcing chunk latent
 COPY_BW = 3.0e12  # bytes/s, read + write, H100 (docs/performance.md): for the printed floor only
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Timing helpers (local: benchmarks/conftest.py may later provide shared ones)
-# ---------------------------------------------------------------------------------------------------------
-
-
 def _report(benchmark, name: str, fn, nbytes: int, **extra) -> float:
-    us = cuda_time_ms(fn, rep_ms=200) * 1e3
-    gbps = nbytes / (us * 1e-6) / 1e9
+    """bench_helpers.record (do_bench median, GB/s of nbytes read + written) plus the step's microseconds and
+    the copy-bandwidth floor; returns microseconds."""
     floor_us = nbytes / COPY_BW * 1e6
-    benchmark.extra_info.update(
-        device_us=round(us, 2),
-        gbps=round(gbps, 1),
-        bytes=nbytes,
-        floor_us=round(floor_us, 2),
-        device=torch.cuda.get_device_name(),
-        **extra,
-    )
-    print(f"\n[step] {name:<28} {us:9.2f} us  {gbps:8.1f} GB/s  (floor {floor_us:.2f} us) {extra or ''}")
-
-    def synced():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(synced, rounds=50, warmup_rounds=5, iterations=1)
+    us = record(benchmark, fn, cuda=True, nbytes=nbytes, rounds=50, rep_ms=200, bytes=nbytes,
+                floor_us=round(floor_us, 2), device=torch.cuda.get_device_name(), **extra) * 1e3
+    benchmark.extra_info["device_us"] = round(us, 2)
+    print(f"\n[step] {name:<28} {us:9.2f} us  {benchmark.extra_info['gbps']:8.1f} GB/s  (floor {floor_us:.2f} us) "
+          f"{extra or ''}")
     return us
 
 

@@ -76,13 +76,13 @@ def cuda_time_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
 
 
 def record(benchmark, fn, *, cuda: bool, flops: float | None = None, nbytes: float | None = None,
-           rounds: int = 10, **info):
+           rounds: int = 10, rep_ms: float = 100, **info) -> float | None:
     """Benchmark fn. cuda=True: extra_info gets the do_bench median (ms) and rates from the explicit
-    formulas; pytest-benchmark's own table times synchronised calls (includes launch overhead). cuda=False:
-    plain calls, rates from pytest-benchmark's median."""
+    formulas; pytest-benchmark's own table times synchronised calls (includes launch overhead); returns the
+    median ms. cuda=False: plain calls, rates from pytest-benchmark's median; returns None."""
     benchmark.extra_info.update(info)
     if cuda:
-        ms = cuda_time_ms(fn)
+        ms = cuda_time_ms(fn, rep_ms=rep_ms)
         benchmark.extra_info["ms"] = round(ms, 4)
         if flops is not None:
             benchmark.extra_info["tflops"] = round(tflops(flops, ms), 1)
@@ -94,6 +94,7 @@ def record(benchmark, fn, *, cuda: bool, flops: float | None = None, nbytes: flo
             torch.cuda.synchronize()
 
         benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=1)
+        return ms
     else:
         benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
         if flops is not None and getattr(benchmark, "stats", None) is not None:
