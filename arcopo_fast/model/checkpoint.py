@@ -64,16 +64,8 @@ ARCH_FIELDS = (
     "patch_size",
     "eps",
 )
-_SHAPE_FIELDS = (
-    "dim",
-    "num_layers",
-    "ffn_dim",
-    "freq_dim",
-    "text_dim",
-    "in_channels",
-    "out_channels",
-    "patch_size",
-)
+# The architecture fields that weight shapes reveal (num_heads and eps leave no trace in them).
+_SHAPE_FIELDS = tuple(f for f in ARCH_FIELDS if f not in ("num_heads", "eps"))
 
 
 class CheckpointError(ValueError):
