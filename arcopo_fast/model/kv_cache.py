@@ -73,6 +73,8 @@ class KVCache:
     def __init__(self, storage: _Storage, query_rows: torch.Tensor | None = None):
         self._s = storage
         self.query_rows = query_rows
+        # the attention kernel's row table, converted once per view instead of once per layer and step
+        self._rows32 = None if query_rows is None else query_rows.to(torch.int32)
 
     @property
     def total_tokens(self) -> int:
@@ -258,7 +260,7 @@ class KVCache:
                 k_prefix=pk[layer],
                 v_prefix=pv[layer],
                 prefix_len=plen,
-                    prefix_rows=self._prefix_rows(B, prow, q.device),
+                prefix_rows=self._prefix_rows(B, prow, q.device),
             )
         n = self.length
         return ops.chunk_attention(
@@ -268,7 +270,7 @@ class KVCache:
             self._s.k[layer] if n else None,
             self._s.v[layer] if n else None,
             n,
-            None if rows is None else rows.to(torch.int32),
+            None if rows is None else self._rows32,
             **kw,
         )
 
