@@ -345,8 +345,7 @@ class _DecoderStep(torch.nn.Module):
             conv = rs.resample[1]
             h = F.conv3d(self._f(h), getattr(self, f"resample_w{i}"), conv.bias, padding=(0, 1, 1))
         h = causal(dec.conv_out, norm_act(dec.norm_out, h))
-        frames = ((h.clamp(-1.0, 1.0).float() + 1.0) * 0.5).clamp(0.0, 1.0).transpose(1, 2).contiguous()
-        return frames, new
+        return _to_unit(h.clamp(-1.0, 1.0)), new
 
 
 def _upsample(h: torch.Tensor, temporal: bool, channels_last: bool) -> torch.Tensor:
