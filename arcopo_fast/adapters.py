@@ -2,12 +2,22 @@
 
 On-policy training trains the adapter "on", semi-on-policy the adapter "semi"; they are never mixed in one
 run. At inference they are merged: W = W0 + dW_semi + s * dW_on (s = 0.8 for Self-Forcing).
-Adapters are saved in peft's own format (adapter_model.safetensors + adapter_config.json).
+Adapters are saved in peft's own format, as PeftModel.save_pretrained writes it: adapter_config.json by
+peft's LoraConfig.save_pretrained, adapter_model.safetensors with PeftModel's "base_model.model." key
+prefix, so `peft.PeftModel.from_pretrained(CausalWanModel(cfg), folder)` loads it with no warning. (The
+adapters are injected into the model itself, not wrapped in a PeftModel, so PeftModel.save_pretrained
+cannot be called on it; save_adapter writes the same files.) Folders written before, with unprefixed keys
+and a hand-written config, still load.
+
+For diffusers, `diffusers_lora_state_dict` renames an adapter to diffusers' WanTransformer3DModel module
+names and folds the merge scale into a single LoRA (merge.py writes it with diffusers' own
+WanPipeline.save_lora_weights).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +30,7 @@ from safetensors.torch import load_file, save_file
 ADAPTER_FOR_MODE = {"on-policy": "on", "semi-on-policy": "semi"}
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."  # PeftModel's key prefix in saved adapter weights
 
 
 def add_lora(model: torch.nn.Module, name: str, *, rank: int, alpha: float, target_modules: str) -> None:
@@ -34,7 +45,9 @@ def add_lora(model: torch.nn.Module, name: str, *, rank: int, alpha: float, targ
         p.requires_grad_(is_lora)
         if is_lora:
             p.data = p.data.float()
-    model._arcopo_lora_config = {"r": rank, "lora_alpha": alpha, "target_modules": target_modules}
+    configs = getattr(model, "_arcopo_lora_configs", {})
+    configs[name] = cfg
+    model._arcopo_lora_configs = configs
 
 
 def lora_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
@@ -58,28 +71,87 @@ def adapter_state_dict(model: torch.nn.Module, name: str) -> dict[str, torch.Ten
     return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
 
 
+def lora_config(model: torch.nn.Module, name: str) -> LoraConfig:
+    configs = getattr(model, "_arcopo_lora_configs", {})
+    if name not in configs:
+        raise ValueError(f"the model has no LoRA adapter {name!r} (it has {sorted(configs)})")
+    return configs[name]
+
+
 def save_adapter(model: torch.nn.Module, name: str, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write adapter `name` as PeftModel.save_pretrained does (see the module docstring). state: the
+    adapter's weights as adapter_state_dict returns them (default: read from the model)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state if state is not None else adapter_state_dict(model, name), str(out / ADAPTER_FILE))
-    cfg = dict(model._arcopo_lora_config, peft_type="LORA", adapter_name=name, lora_dropout=0.0, bias="none")
-    (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))
+    state = state if state is not None else adapter_state_dict(model, name)
+    save_file({PEFT_PREFIX + k: v.contiguous() for k, v in state.items()}, str(out / ADAPTER_FILE), metadata={"format": "pt"})
+    cfg = copy.deepcopy(lora_config(model, name))
+    cfg.inference_mode = True  # as PeftModel.save_pretrained: a saved adapter loads for inference
+    base = type(model)
+    cfg.save_pretrained(str(out), auto_mapping_dict={"base_model_class": base.__name__, "parent_library": base.__module__})
     return out
+
+
+def read_adapter(src_dir: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """(LoraConfig, weights keyed by module path + ".lora_A.weight" / ".lora_B.weight") of a saved adapter
+    folder: peft's layout, or the unprefixed one this package wrote before."""
+    src = Path(src_dir)
+    for f in (ADAPTER_FILE, ADAPTER_CONFIG):
+        if not (src / f).is_file():
+            raise FileNotFoundError(f"adapter folder {src} lacks {f}")
+    raw = json.loads((src / ADAPTER_CONFIG).read_text())
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"adapter {src}: peft_type {raw.get('peft_type')!r} is not LORA")
+    cfg = LoraConfig(r=raw["r"], lora_alpha=raw["lora_alpha"], target_modules=raw["target_modules"],
+                     lora_dropout=raw.get("lora_dropout", 0.0), bias=raw.get("bias", "none"))
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(src / ADAPTER_FILE)).items()}
+    return cfg, state
+
+
+def resolve_adapter_dir(path: str | Path) -> Path:
+    """An adapter folder from an adapter folder, a training checkpoint folder or a run directory (its
+    latest checkpoint's adapter/)."""
+    from . import checkpointing
+
+    p = Path(path).expanduser()
+    if (p / ADAPTER_FILE).is_file():
+        return p
+    return checkpointing.resolve(p) / "adapter"
+
+
+def activate(model: torch.nn.Module, scales: dict[str, float]) -> None:
+    """For inference: make exactly the adapters in `scales` active, each at its scale
+    (W = W0 + sum scale * dW), and leave every parameter frozen (peft's set_adapter unfreezes them)."""
+    for layer in lora_layers(model):
+        for name, scale in scales.items():
+            layer.set_scale(name, scale)  # ignored by layers the adapter does not touch
+        layer.set_adapter([n for n in scales if n in layer.lora_A])
+    model.requires_grad_(False)
 
 
 def load_adapter(model: torch.nn.Module, name: str, src_dir: str | Path) -> None:
     """Load saved adapter weights into the model, injecting the adapter first if it is missing."""
     src = Path(src_dir)
-    for f in (ADAPTER_FILE, ADAPTER_CONFIG):
-        if not (src / f).is_file():
-            raise FileNotFoundError(f"adapter folder {src} lacks {f}")
-    cfg = json.loads((src / ADAPTER_CONFIG).read_text())
+    cfg, state = read_adapter(src)
     if not any(name in m.lora_A for m in lora_layers(model)):
-        add_lora(model, name, rank=cfg["r"], alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"])
-    result = set_peft_model_state_dict(model, load_file(str(src / ADAPTER_FILE)), adapter_name=name)
+        add_lora(model, name, rank=cfg.r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules)
+    result = set_peft_model_state_dict(model, state, adapter_name=name)
     missing = [k for k in result.missing_keys if ".lora_" in k and f".{name}." in k]
     if missing or result.unexpected_keys:
         raise ValueError(f"adapter {src}: missing keys {missing[:5]}, unexpected keys {list(result.unexpected_keys)[:5]}")
+
+
+def remove_lora(model: torch.nn.Module) -> None:
+    """Take every LoRA adapter out of the model: each peft layer is replaced by the base layer it wraps
+    (whose weights were never changed), so the model is again exactly the base model."""
+    for mod_name, layer in list(model.named_modules()):
+        if isinstance(layer, BaseTunerLayer):
+            parent_name, _, child = mod_name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, layer.get_base_layer())
+    if hasattr(model, "_arcopo_lora_configs"):
+        del model._arcopo_lora_configs
+    model.requires_grad_(False)
 
 
 @torch.no_grad()
@@ -97,3 +169,48 @@ def merged_state_dict(model: torch.nn.Module, scales: dict[str, float]) -> dict[
                 delta += s * layer.get_delta_weight(name).float()  # B @ A * (alpha / r)
         out[key] = (out[key].float() + delta).to(out[key].dtype)
     return out
+
+
+@torch.no_grad()
+def diffusers_lora_state_dict(adapters: list[tuple[LoraConfig, dict[str, torch.Tensor], float]]) -> tuple[dict[str, torch.Tensor], dict]:
+    """One LoRA in diffusers' WanTransformer3DModel names equal to sum_i scale_i * dW_i of the given
+    (config, weights, scale) adapters (weights as read_adapter returns them, original Wan module names).
+
+    A single adapter keeps its factors and carries its scale in lora_alpha (alpha' = scale * alpha, so
+    alpha' / r = scale * alpha / r). Several are stacked along the rank (A = [A_1; A_2], B = [c_1 B_1, c_2 B_2]
+    with c_i = scale_i * alpha_i / r_i, zero blocks where an adapter does not touch a module) with
+    lora_alpha = rank. Returns (weights keyed "<diffusers module>.lora_A.weight" / ".lora_B.weight", the
+    LoraConfig fields diffusers' loader needs: r, lora_alpha, target_modules)."""
+    from .model.checkpoint import wan_to_diffusers_name
+
+    if not adapters:
+        raise ValueError("give at least one adapter")
+    per_module: dict[str, list] = {}
+    for i, (cfg, state, scale) in enumerate(adapters):
+        for k, a in state.items():
+            if k.endswith(".lora_A.weight"):
+                mod = k[: -len(".lora_A.weight")]
+                per_module.setdefault(mod, [None] * len(adapters))[i] = (a.float(), state[f"{mod}.lora_B.weight"].float())
+    ranks = [cfg.r for cfg, _, _ in adapters]
+    out = {}
+    for mod, parts in per_module.items():
+        name = wan_to_diffusers_name(f"{mod}.weight")[: -len(".weight")]
+        if len(adapters) == 1:
+            a, b = parts[0]
+        else:
+            shape_a = next(p[0].shape[1] for p in parts if p is not None)
+            shape_b = next(p[1].shape[0] for p in parts if p is not None)
+            blocks_a, blocks_b = [], []
+            for (cfg, _, scale), r, p in zip(adapters, ranks, parts):
+                a_i, b_i = p if p is not None else (torch.zeros(r, shape_a), torch.zeros(shape_b, r))
+                blocks_a.append(a_i)
+                blocks_b.append(b_i * (scale * cfg.lora_alpha / r))
+            a, b = torch.cat(blocks_a, 0), torch.cat(blocks_b, 1)
+        out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = a.contiguous(), b.contiguous()
+    if len(adapters) == 1:
+        cfg, _, scale = adapters[0]
+        r, alpha = cfg.r, scale * cfg.lora_alpha
+    else:
+        r = alpha = sum(ranks)
+    modules = sorted(k[: -len(".lora_A.weight")] for k in out if k.endswith(".lora_A.weight"))
+    return out, {"r": r, "lora_alpha": alpha, "target_modules": modules}

@@ -25,3 +25,21 @@ def poison(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: _fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _fill(real_empty_like(*a, **k)))
+
+
+@pytest.fixture(scope="session")
+def tiny_assets():
+    """The embedded tiny text encoder and VAE in the default cache (~/.cache/arcopo_fast): built once per
+    machine (about 20-80 s on a fresh HOME), shared with every other user of the default assets."""
+    from arcopo_fast.model.tiny_assets import ensure_tiny_assets
+
+    return ensure_tiny_assets()
+
+
+@pytest.fixture(scope="session")
+def wan_pipe(tmp_path_factory):
+    """A diffusers WanPipeline of tiny random components (pipeline_helpers.py), built once per session."""
+    pytest.importorskip("diffusers")
+    from pipeline_helpers import tiny_wan_pipeline
+
+    return tiny_wan_pipeline(tmp_path_factory.mktemp("wan_pipe"))

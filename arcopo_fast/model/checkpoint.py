@@ -41,11 +41,18 @@ __all__ = [
     "config_from_diffusers",
     "config_from_state_dict",
     "detect_format",
+    "diffusers_config",
+    "diffusers_to_wan",
     "load_into",
     "load_model",
     "load_state_dict",
+    "model_from_state_dict",
     "model_state_dict",
+    "save_diffusers",
     "save_model",
+    "save_self_forcing",
+    "wan_to_diffusers",
+    "wan_to_diffusers_name",
 ]
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -106,6 +113,47 @@ _DIFFUSERS_TO_WAN: list[tuple[re.Pattern, str]] = [
 # Wrapper prefixes/segments that training frameworks insert (FSDP, activation checkpointing, torch.compile,
 # DDP). Removed everywhere; they never occur in a real parameter name.
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+# The inverse: original Wan2.1 names -> diffusers WanTransformer3DModel names (exports, diffusers LoRA files).
+_WAN_TO_DIFFUSERS: list[tuple[re.Pattern, str]] = [
+    (re.compile(p), r)
+    for p, r in [
+        (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+        (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+        (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+        (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+        (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+        (r"^blocks\.(\d+)\.self_attn\.([qkv])\.", r"blocks.\1.attn1.to_\2."),
+        (r"^blocks\.(\d+)\.self_attn\.o\.", r"blocks.\1.attn1.to_out.0."),
+        (r"^blocks\.(\d+)\.self_attn\.norm_([qk])\.", r"blocks.\1.attn1.norm_\2."),
+        (r"^blocks\.(\d+)\.cross_attn\.([qkv])\.", r"blocks.\1.attn2.to_\2."),
+        (r"^blocks\.(\d+)\.cross_attn\.o\.", r"blocks.\1.attn2.to_out.0."),
+        (r"^blocks\.(\d+)\.cross_attn\.norm_([qk])\.", r"blocks.\1.attn2.norm_\2."),
+        (r"^blocks\.(\d+)\.norm3\.", r"blocks.\1.norm2."),
+        (r"^blocks\.(\d+)\.ffn\.0\.", r"blocks.\1.ffn.net.0.proj."),
+        (r"^blocks\.(\d+)\.ffn\.2\.", r"blocks.\1.ffn.net.2."),
+        (r"^blocks\.(\d+)\.modulation$", r"blocks.\1.scale_shift_table"),
+        (r"^head\.modulation$", "scale_shift_table"),
+        (r"^head\.head\.", "proj_out."),
+        (r"^patch_embedding\.", "patch_embedding."),
+    ]
+]
+
+
+def wan_to_diffusers_name(name: str) -> str:
+    """The diffusers WanTransformer3DModel name of an original Wan2.1 parameter (or module) name."""
+    for pat, rep in _WAN_TO_DIFFUSERS:
+        new, n = pat.subn(rep, name)
+        if n:
+            return new
+    raise CheckpointError(f"{name!r} has no diffusers WanTransformer3DModel counterpart")
+
+
+def wan_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an original-name state dict to diffusers WanTransformer3DModel names (the inverse of
+    diffusers_to_wan)."""
+    return {wan_to_diffusers_name(k): v for k, v in sd.items()}
 
 
 def _is_diffusers_names(keys) -> bool:
@@ -547,9 +595,24 @@ def load_model(
             fc = _checkpoint_config(sd, conf)
             found = {f: getattr(fc, f) for f in ARCH_FIELDS}
         _validate(cfg, found, path)
+    return model_from_state_dict(sd, cfg, device=device, dtype=dtype, source=path)
+
+
+def model_from_state_dict(
+    sd: Mapping[str, torch.Tensor],
+    cfg: ModelConfig,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+    source: object = "state dict",
+) -> CausalWanModel:
+    """A CausalWanModel of config `cfg` holding the tensors of `sd` (original or diffusers names), built on
+    the meta device (no random init, one copy of the weights). Strict: CheckpointError names every missing
+    or unexpected key and wrong shape. Returns the model in eval mode."""
+    sd = _strip(diffusers_to_wan(sd) if _is_diffusers_names(sd) else dict(sd))
     with torch.device("meta"):
         model = CausalWanModel(cfg)
-    _check_keys({k: v.shape for k, v in model.state_dict().items()}, sd, path)
+    _check_keys({k: v.shape for k, v in model.state_dict().items()}, sd, source)
     # One copy per tensor (to the target device/dtype, detached from any memory-mapped file), popping the
     # source as we go so that host memory peaks near one copy of the weights, not two.
     sd = {k: (v := sd.pop(k)).to(device=device, dtype=dtype or v.dtype, copy=True) for k in list(sd)}
@@ -612,3 +675,63 @@ def save_model(
     with open(_sidecar(path), "w") as f:
         json.dump({"format": _SIDECAR_FORMAT, "config": conf}, f, indent=1)
     return path
+
+
+def diffusers_config(cfg: ModelConfig) -> dict:
+    """WanTransformer3DModel constructor arguments of a ModelConfig (the inverse of config_from_diffusers)."""
+    return dict(
+        patch_size=tuple(cfg.patch_size),
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=cfg.eps,
+        rope_max_seq_len=cfg.rope_max_positions,
+    )
+
+
+def save_diffusers(
+    model: torch.nn.Module, out_dir: str | Path, *, dtype: torch.dtype | None = None, merge_lora: bool = True
+) -> Path:
+    """Write the weights as a diffusers WanTransformer3DModel folder (config.json +
+    diffusion_pytorch_model.safetensors, by diffusers' own save_pretrained):
+    WanTransformer3DModel.from_pretrained(out_dir) reads it, and so does load_model."""
+    from diffusers import WanTransformer3DModel
+
+    cfg = _model_config(model)
+    sd = {k: v.to("cpu", dtype or v.dtype) for k, v in wan_to_diffusers(model_state_dict(model, merge_lora=merge_lora)).items()}
+    with torch.device("meta"):
+        ref = WanTransformer3DModel(**diffusers_config(cfg))
+    _check_keys({k: v.shape for k, v in ref.state_dict().items()}, sd, "diffusers export")
+    ref.load_state_dict(sd, strict=True, assign=True)
+    out = Path(out_dir)
+    ref.save_pretrained(out)
+    return out
+
+
+def save_self_forcing(
+    model: torch.nn.Module, path: str | Path, *, dtype: torch.dtype | None = None, merge_lora: bool = True
+) -> Path:
+    """Write the weights as a Self-Forcing checkpoint: a torch pickle {"generator": sd, "generator_ema": sd}
+    whose keys carry the "model." prefix of Self-Forcing's WanDiffusionWrapper (both entries hold the same
+    tensors, so either of Self-Forcing's --use_ema settings reads them; the file stores them once)."""
+    path = Path(path)
+    if path.suffix not in (".pt", ".pth"):
+        raise ValueError(f"path must end in .pt or .pth, got {path}")
+    sd = {f"model.{k}": v.to("cpu", dtype or v.dtype).contiguous() for k, v in model_state_dict(model, merge_lora=merge_lora).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"generator": sd, "generator_ema": sd}, path)
+    return path
+
+
+def _model_config(model: torch.nn.Module) -> ModelConfig:
+    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "get_base_model", lambda: None)(), "cfg", None)
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError("a CausalWanModel (a .cfg ModelConfig) is needed")
+    return cfg

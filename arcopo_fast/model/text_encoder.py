@@ -105,6 +105,45 @@ class TextEncoder:
         self.encoder_runs = 0
         self._model = None
         self._tokenizer = None
+        self._owned = True  # loaded from `path` by _load (release() may drop it)
+
+    @classmethod
+    def from_modules(
+        cls,
+        model,
+        tokenizer,
+        *,
+        text_len: int = 512,
+        out_dtype: torch.dtype | None = None,
+        batch_size: int = 16,
+    ) -> TextEncoder:
+        """Wrap an already loaded encoder (a transformers UMT5EncoderModel, e.g. a diffusers WanPipeline's
+        text_encoder) and its tokenizer, without copying them: the encoder runs where it lives, in its
+        dtype. No on-disk cache (there is no file identity to key it on)."""
+        if text_len < 1:
+            raise ValueError(f"text_len must be >= 1, got {text_len}")
+        self = cls.__new__(cls)
+        self.path = self.tokenizer_path = None
+        self.text_len, self.batch_size = text_len, batch_size
+        self.config = model.config.to_dict()
+        self.dim = int(model.config.d_model)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.out_dtype = out_dtype or self.dtype
+        self.cache_dir = None
+        self.encoder_runs = 0
+        self._model, self._tokenizer, self._owned = model.eval(), tokenizer, False
+        return self
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextEncoder:
+        """Move the encoder (and its outputs) to `device`; dtype sets the output dtype."""
+        if device is not None:
+            self.device = torch.device(device)
+            if self._model is not None:
+                self._model.to(self.device)
+        if dtype is not None:
+            self.out_dtype = dtype
+        return self
 
     # -- identity and cache ----------------------------------------------------------------------------
 
@@ -177,8 +216,10 @@ class TextEncoder:
         self._model = model.to(self.device).eval().requires_grad_(False)
 
     def release(self) -> None:
-        """Free the encoder (umT5-XXL is ~11 GB in bf16); it is reloaded on the next cache miss."""
-        self._model = self._tokenizer = None
+        """Free the encoder (umT5-XXL is ~11 GB in bf16); it is reloaded on the next cache miss. An encoder
+        given to from_modules belongs to the caller and is kept."""
+        if self._owned:
+            self._model = self._tokenizer = None
 
     @torch.no_grad()
     def _run(self, prompts: list[str]) -> list[torch.Tensor]:

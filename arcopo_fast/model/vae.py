@@ -140,6 +140,15 @@ class WanVAE:
                 kw["mode"] = compile
             self._step_compiled = torch.compile(self._step, **kw)
 
+    def to(self, device: torch.device | str) -> WanVAE:
+        """Move the VAE (weights, normalisation constants, fast-path buffers) to `device`, in place."""
+        self.device = torch.device(device)
+        self.vae.to(self.device)
+        if self._step is not None:
+            self._step.to(self.device)
+        self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
+        return self
+
     # -- normalisation -----------------------------------------------------------------------------------
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
