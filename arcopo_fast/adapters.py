@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +38,9 @@ def add_lora(model: torch.nn.Module, name: str, *, rank: int, alpha: float, targ
     """Inject a LoRA adapter `name` (B initialised to zero: the policy starts at the base weights), make it
     the only trainable parameters, and keep its factors in float32 whatever the base dtype."""
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0, bias="none")
-    inject_adapter_in_model(cfg, model, adapter_name=name)
+    with warnings.catch_warnings():  # a second adapter (semi + on, several loaded LoRAs) is intended here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(cfg, model, adapter_name=name)
     if not lora_layers(model):
         raise ValueError(f"adapter.target_modules {target_modules!r} matched no Linear layer of the model")
     for n, p in model.named_parameters():

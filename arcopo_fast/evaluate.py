@@ -2,8 +2,12 @@
 
     python -m arcopo_fast.evaluate --out eval/base                                   # tiny random base
     python -m arcopo_fast.evaluate --checkpoint runs/tiny/base_model.safetensors \\
-        --adapter runs/tiny/checkpoints/latest/adapter:0.8 --rewards brightness,flicker --out eval/tuned
+        --adapter runs/tiny:0.8 --rewards brightness,flicker --out eval/tuned
     python -m arcopo_fast.evaluate --compare eval/base/results.json eval/tuned/results.json --out eval/cmp
+
+Sizes are pixels (--height / --width / --num-frames), default per model: 480 x 832 x 81 for 1.3B-class
+models, 64 x 64 x 81 for the tiny one. --model / --checkpoint / --adapter choose the generator as in
+`python -m arcopo_fast.sample`.
 
 Writes <out>/results.json (per-prompt scores, means, settings) and <out>/results.md (a table). Use one
 in-domain reward (what training optimised) and one out-of-domain reward (what it did not): the paper's dual
@@ -30,31 +34,32 @@ DEFAULT_EVAL_PROMPTS = (
 
 def evaluate(
     *,
-    generator,
+    pipeline,
     prompts: list[str],
     reward_specs: list,
-    num_chunks: int,
-    latent_hw: tuple[int, int],
+    height: int,
+    width: int,
+    num_frames: int,
     seeds: list[int],
     video_dir: Path | None = None,
 ) -> dict:
+    """Score one video per (prompt, seed) with the rewards; sizes in pixels (StreamingPipeline's rules).
+    The seeds of a prompt are generated as one batch."""
     from .rewards import CompositeReward
     from .video_io import write_mp4
 
     reward = CompositeReward(reward_specs)
+    pipeline.check_inputs(list(prompts), height, width, num_frames, seeds=[seeds[0]] * len(prompts))
     rows = []
     t0 = time.perf_counter()
     for pi, prompt in enumerate(prompts):
-        for seed in seeds:
-            cross = generator.cross([prompt])
-            with torch.no_grad():
-                lat = generator.sampler.generate(cross, num_chunks=num_chunks, latent_hw=latent_hw, samples=[seed])
-                video = generator.vae.decode(lat).float()
-            total, comps = reward(video, [prompt])
-            rows.append({"prompt": prompt, "seed": seed, "total": float(total[0]), **{k: float(v[0]) for k, v in comps.items()}})
+        video = pipeline([prompt] * len(seeds), height=height, width=width, num_frames=num_frames, seeds=seeds).frames
+        total, comps = reward(video.float(), [prompt] * len(seeds))
+        for i, seed in enumerate(seeds):
+            rows.append({"prompt": prompt, "seed": seed, "total": float(total[i]), **{k: float(v[i]) for k, v in comps.items()}})
             if video_dir is not None:
                 video_dir.mkdir(parents=True, exist_ok=True)
-                write_mp4(video_dir / f"p{pi:03d}_s{seed}.mp4", video[0].cpu())
+                write_mp4(video_dir / f"p{pi:03d}_s{seed}.mp4", video[i].cpu())
     keys = [k for k in rows[0] if k not in ("prompt", "seed")]
     means = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     return {"rows": rows, "means": means, "num_videos": len(rows), "seconds": time.perf_counter() - t0}
@@ -79,20 +84,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m arcopo_fast.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="compare existing results instead of generating")
-    ap.add_argument("--checkpoint", help="base weights (any supported format, or a run's base_model.safetensors)")
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--adapter", action="append", default=[], help="adapter folder[:scale]; repeat to merge (W0 + sum s dW)")
-    ap.add_argument("--text-encoder")
-    ap.add_argument("--vae")
+    from .sample import add_model_arguments
+
+    add_model_arguments(ap)
     ap.add_argument("--prompts", help="file with one held-out prompt per line (default: a small built-in set)")
     ap.add_argument("--rewards", default="brightness,temporal_smoothness",
                     help="comma list name[=weight] (names or module:Class); first = in-domain, others out-of-domain")
     ap.add_argument("--seeds", default="0", help="comma list of noise seeds per prompt")
-    ap.add_argument("--num-chunks", type=int, default=3)
-    ap.add_argument("--height", type=int, default=8)
-    ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--model-seed", type=int, default=0, help="seed of a random base model (no --checkpoint)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--save-videos", action="store_true")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -112,28 +111,25 @@ def main(argv=None) -> int:
         print(table)
         return 0
 
-    from .pipeline import load_generator
     from .rewards import parse_reward_list
-    from .sample import parse_adapter
+    from .sample import build_pipeline, video_size
 
     try:
         specs = parse_reward_list(args.rewards)
         prompts = DEFAULT_EVAL_PROMPTS if not args.prompts else [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
-        dev = torch.device(args.device)
-        gen = load_generator(
-            checkpoint=args.checkpoint, preset=args.preset, text_encoder=args.text_encoder, vae=args.vae,
-            adapters_spec=[parse_adapter(a) for a in args.adapter], device=dev,
-            dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, seed=args.model_seed,
+        pipe = build_pipeline(args, model_seed=args.model_seed)
+        pipe.set_progress_bar_config(disable=True)
+        height, width, num_frames = video_size(args, pipe)
+        res = evaluate(
+            pipeline=pipe, prompts=list(prompts), reward_specs=specs, height=height, width=width,
+            num_frames=num_frames, seeds=[int(s) for s in args.seeds.split(",")],
+            video_dir=out / "videos" if args.save_videos else None,
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    res = evaluate(
-        generator=gen, prompts=list(prompts), reward_specs=specs, num_chunks=args.num_chunks,
-        latent_hw=(args.height, args.width), seeds=[int(s) for s in args.seeds.split(",")],
-        video_dir=out / "videos" if args.save_videos else None,
-    )
-    res["settings"] = {k: v for k, v in vars(args).items() if k != "compare"}
+    res["settings"] = {**{k: v for k, v in vars(args).items() if k != "compare"},
+                       "height": height, "width": width, "num_frames": num_frames}
     (out / "results.json").write_text(json.dumps(res, indent=2))
     table = markdown_table({out.name: res})
     (out / "results.md").write_text(table)

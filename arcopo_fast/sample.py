@@ -1,11 +1,16 @@
-"""Generate a video with the streaming sampler and write an mp4.
+"""Generate videos with the streaming pipeline and write them as mp4, GIF, PNG contact sheets or PNG frames.
 
     python -m arcopo_fast.sample --prompt "a red balloon over a lake" --out video.mp4       # tiny, CPU
-    python -m arcopo_fast.sample --preset wan-1.3b --checkpoint self_forcing_dmd.pt \\
-        --text-encoder wan_models/umt5-xxl --vae wan_models/vae --num-chunks 7 --device cuda --out sf.mp4
+    python -m arcopo_fast.sample --model wan_models/Wan2.1-T2V-1.3B --checkpoint self_forcing_dmd.pt \\
+        --device cuda --out sf.mp4                            # Self-Forcing's layout (or a diffusers folder)
     python -m arcopo_fast.sample --checkpoint runs/tiny/base_model.safetensors \\
-        --adapter runs/tiny/checkpoints/iter_000060/adapter --out tuned.mp4
+        --adapter runs/tiny/checkpoints/iter_000060/adapter --prompts-file prompts.txt --num-samples 2 --out tuned.gif
 
+Sizes are pixels: --height / --width multiples of 16, --num-frames = 12 * chunks - 3 (9, 21, ..., 81);
+defaults: 480 x 832 x 81 for 1.3B-class models, 64 x 64 x 81 for the tiny one.
+--out: .mp4, .gif, .png (a contact sheet) or a name without an extension (a folder of PNG frames). Several
+videos (prompts x --num-samples) get one file each: out_<prompt>.mp4, or out_<prompt>_<sample>.mp4 with
+--num-samples > 1. Sample s of every prompt uses noise seed --seed + s.
 Chunks are decoded as they arrive (on CUDA, overlapped with the next chunk's generation).
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,23 +38,96 @@ def parse_adapter(text: str) -> tuple[str, float]:
         return text, 1.0
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m arcopo_fast.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompt", required=True, action="append", help="text prompt (repeat for a batch)")
-    ap.add_argument("--out", default="video.mp4", help="output mp4 (a batch writes out_0.mp4, out_1.mp4, ...)")
-    ap.add_argument("--preset", default="tiny", help="architecture when no checkpoint is given (tiny, wan-1.3b)")
-    ap.add_argument("--checkpoint", help="DiT weights (Self-Forcing .pt, Wan2.1 .safetensors/.pth, diffusers folder)")
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options that choose the generator (shared by sample and evaluate)."""
+    ap.add_argument("--model", help="a diffusers WanPipeline folder, Wan's release folder (Self-Forcing's "
+                    "wan_models/Wan2.1-T2V-1.3B), or 'tiny'; default: --checkpoint / --preset with --text-encoder / --vae")
+    ap.add_argument("--checkpoint", help="DiT weights (Self-Forcing .pt, Wan2.1 .safetensors/.pth, diffusers folder, "
+                    "a run's base_model.safetensors); with --model it replaces the folder's DiT")
+    ap.add_argument("--preset", default="tiny", help="architecture of a random DiT when neither --model nor "
+                    "--checkpoint is given (tiny, wan-1.3b)")
     ap.add_argument("--no-ema", action="store_true", help="Self-Forcing .pt: use 'generator' instead of 'generator_ema'")
-    ap.add_argument("--adapter", action="append", default=[], help="LoRA adapter folder[:scale] (repeatable: merged sum)")
-    ap.add_argument("--text-encoder", help="local umT5 encoder + tokenizer folder (default: tiny random)")
-    ap.add_argument("--vae", help="local AutoencoderKLWan folder (default: tiny random)")
-    ap.add_argument("--seed", type=int, default=0, help="noise seed (and the random tiny model's seed)")
-    ap.add_argument("--num-chunks", type=int, default=7, help="chunks of 3 latent frames (7 -> 81 frames)")
-    ap.add_argument("--height", type=int, default=None, help="latent height (default 60 for wan-1.3b, 8 for tiny)")
-    ap.add_argument("--width", type=int, default=None, help="latent width (default 104 for wan-1.3b, 8 for tiny)")
-    ap.add_argument("--shift", type=float, default=5.0, help="timestep shift (Self-Forcing's demo uses 8)")
+    ap.add_argument("--adapter", action="append", default=[], help="LoRA adapter folder[:scale] (repeatable: W0 + sum s dW)")
+    ap.add_argument("--text-encoder", help="local umT5 encoder + tokenizer folder (default: the model's, or the tiny one)")
+    ap.add_argument("--vae", help="local AutoencoderKLWan folder (default: the model's, or the tiny one)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA")
+    ap.add_argument("--shift", type=float, default=5.0, help="timestep shift (Self-Forcing's demo uses 8)")
+    ap.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: per model, see above)")
+    ap.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: per model)")
+    ap.add_argument("--num-frames", type=int, default=None, help="video frames, 12 * chunks - 3 (default: 81)")
+
+
+def build_pipeline(args, *, model_seed: int = 0):
+    """The StreamingPipeline the options describe (adapters loaded, progress bar per chunk)."""
+    from .model.vae import WanVAE
+    from .pipeline import StreamingPipeline, load_generator
+    from .sampler import FewStepSchedule
+
+    dev = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    schedule = FewStepSchedule(shift=args.shift)
+    ema = not args.no_ema
+    vae_opts = dict(memory_format=getattr(args, "vae_memory_format", "contiguous"), compile=getattr(args, "vae_compile", None) or False)
+    compile = getattr(args, "compile", None)
+    if args.model:
+        pipe = StreamingPipeline.from_pretrained(args.model, checkpoint=args.checkpoint, device=dev, dtype=dtype,
+                                                 compile=compile, text_encoder=args.text_encoder, vae=args.vae,
+                                                 ema=ema, schedule=schedule)
+        if vae_opts != dict(memory_format="contiguous", compile=False):
+            pipe.vae = WanVAE(pipe.vae.vae, device=pipe.vae.device, dtype=pipe.vae.dtype, **vae_opts)
+        for i, spec in enumerate(args.adapter):
+            path, scale = parse_adapter(spec)
+            pipe.load_lora_weights(path, scale=scale, adapter_name=f"a{i}")
+        return pipe
+    return load_generator(
+        checkpoint=args.checkpoint, preset=args.preset, text_encoder=args.text_encoder, vae=args.vae,
+        adapters_spec=[parse_adapter(a) for a in args.adapter], device=dev, dtype=dtype, seed=model_seed,
+        schedule=schedule, ema=ema, compile=compile, vae_memory_format=vae_opts["memory_format"],
+        vae_compile=vae_opts["compile"],
+    )
+
+
+def video_size(args, pipe) -> tuple[int, int, int]:
+    """(height, width, num_frames): the options, else the model's defaults (pipeline.default_video_size)."""
+    from .pipeline import default_video_size
+
+    h, w, n = default_video_size(pipe.model.cfg)
+    return args.height or h, args.width or w, args.num_frames or n
+
+
+def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
+    """--prompt values, then --prompts-file's non-empty lines (ValueError when there are none)."""
+    out = list(prompts or [])
+    if prompts_file:
+        path = Path(prompts_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts-file: {path} does not exist")
+        out += [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if not out:
+        raise ValueError("give --prompt (repeatable) or --prompts-file")
+    return out
+
+
+def output_paths(out: str, num_prompts: int, num_samples: int) -> list[Path]:
+    """One destination per (prompt, sample), prompt-major: `out` itself for a single video, else the
+    prompt's index (and the sample's, with several samples) before the extension."""
+    path = Path(out)
+    if num_prompts * num_samples == 1:
+        return [path]
+    tags = [f"_{p}" if num_samples == 1 else f"_{p}_{s}" for p in range(num_prompts) for s in range(num_samples)]
+    return [path.with_name(f"{path.stem}{t}{path.suffix}") for t in tags]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m arcopo_fast.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt", action="append", help="text prompt (repeatable)")
+    ap.add_argument("--prompts-file", help="a file with one prompt per line (added after the --prompt ones)")
+    ap.add_argument("--num-samples", type=int, default=1, help="videos per prompt (noise seeds --seed, --seed + 1, ...)")
+    ap.add_argument("--out", default="video.mp4", help=".mp4, .gif, .png (contact sheet) or a folder name (PNG frames)")
+    add_model_arguments(ap)
+    ap.add_argument("--seed", type=int, default=0, help="noise seed of the first sample (sample s uses --seed + s)")
+    ap.add_argument("--batch-size", type=int, default=4, help="videos generated together")
     ap.add_argument("--fps", type=float, default=16.0)
     ap.add_argument("--compile", choices=[m for m in COMPILE_MODES if m], help="torch.compile mode of the DiT "
                     "forward ('reduce-overhead' adds CUDA graphs); the first video pays the compilation")
@@ -58,45 +137,43 @@ def main(argv=None) -> int:
                     help="torch.compile the VAE decoder's per-frame step with this mode")
     ap.add_argument("--profile", metavar="DIR", help="write a torch profiler trace of the generation into DIR")
     args = ap.parse_args(argv)
-    if args.num_chunks < 1:
-        ap.error("--num-chunks must be >= 1")
+    for name in ("num_samples", "batch_size"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.seed < 0:
+        ap.error("--seed must be >= 0")
 
-    from .pipeline import load_generator
-    from .sampler import FewStepSchedule, latent_frames_to_video_frames
-    from .video_io import write_mp4
+    from .video_io import check_video_path, save_video
 
-    dev = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     try:
-        gen = load_generator(
-            checkpoint=args.checkpoint, preset=args.preset, text_encoder=args.text_encoder, vae=args.vae,
-            adapters_spec=[parse_adapter(a) for a in args.adapter], device=dev, dtype=dtype, seed=args.seed,
-            schedule=FewStepSchedule(shift=args.shift), ema=not args.no_ema, compile=args.compile,
-            vae_memory_format=args.vae_memory_format, vae_compile=args.vae_compile or False,
-        )
-    except (FileNotFoundError, ValueError) as e:
+        check_video_path(args.out)  # before any work: a bad name must not cost a generation
+        prompts = read_prompts(args.prompt, args.prompts_file)
+        pipe = build_pipeline(args)  # a random tiny DiT is the embedded one (seed 0), as from_pretrained("tiny")
+        height, width, num_frames = video_size(args, pipe)
+        jobs = [(p, args.seed + s) for p in prompts for s in range(args.num_samples)]
+        outs = output_paths(args.out, len(prompts), args.num_samples)
+        pipe.check_inputs([p for p, _ in jobs], height, width, num_frames, seeds=[s for _, s in jobs])
+    except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    big = gen.model.cfg.dim >= 1024
-    hw = (args.height or (60 if big else 8), args.width or (104 if big else 8))
-    t0 = time.perf_counter()
-    first = None
-    chunks = []
+    first, dt = None, 0.0
+    written = []
     with maybe_profile(args.profile, name="sample"):
-        for frames in gen.stream_video(args.prompt, num_chunks=args.num_chunks, latent_hw=hw):
-            chunks.append(frames.cpu())
-            first = first or time.perf_counter() - t0
-    video = torch.cat(chunks, dim=1)
-    dt = time.perf_counter() - t0
-    n = latent_frames_to_video_frames(args.num_chunks * gen.model.cfg.chunk_frames)
-    assert video.shape[1] == n, (video.shape, n)
-    outs = []
-    for b in range(video.shape[0]):
-        out = args.out if video.shape[0] == 1 else args.out.replace(".mp4", f"_{b}.mp4")
-        outs.append(write_mp4(out, video[b], fps=args.fps))
-    print(f"[arcopo_fast] {video.shape[0]} x {n} frames {video.shape[-2]}x{video.shape[-1]} in {dt:.2f} s "
-          f"(first chunk {first:.2f} s, {video.shape[0] * n / dt:.1f} FPS end to end)")
-    for o in outs:
+        for i in range(0, len(jobs), args.batch_size):
+            batch = jobs[i : i + args.batch_size]
+            chunks = []
+            t0 = time.perf_counter()
+            for frames in pipe.stream([p for p, _ in batch], height=height, width=width, num_frames=num_frames,
+                                      seeds=[s for _, s in batch]):
+                chunks.append(frames.cpu())
+                first = first or time.perf_counter() - t0
+            dt += time.perf_counter() - t0  # generation time; writing the files is not counted
+            video = torch.cat(chunks, dim=1)
+            for b in range(video.shape[0]):
+                written.append(save_video(outs[i + b], video[b], fps=args.fps))
+    print(f"[arcopo_fast] {len(jobs)} x {num_frames} frames {height}x{width} in {dt:.2f} s "
+          f"(first chunk {first:.2f} s, {len(jobs) * num_frames / dt:.1f} FPS end to end)")
+    for o in written:
         print(f"[arcopo_fast] wrote {o}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Write videos as mp4 (H.264, yuv420p), GIF and PNG contact sheets; read an mp4 back.
+"""Write videos as mp4 (H.264, yuv420p), GIF, PNG contact sheets or folders of PNG frames; read an mp4 back.
 
 Inputs are one video as a torch tensor [F, 3, H, W] (float in [0, 1], or uint8) or a uint8 numpy array
 [F, H, W, 3]. mp4 goes through the ffmpeg binary bundled with imageio-ffmpeg (libx264, yuv420p, so
@@ -170,13 +170,40 @@ def write_contact_sheet(
     return path
 
 
-def save_video(path: str | os.PathLike, video: torch.Tensor | np.ndarray, fps: float = 16) -> Path:
-    """Write by extension: .mp4 (H.264), .gif, or .png (contact sheet)."""
+def write_png_frames(folder: str | os.PathLike, video: torch.Tensor | np.ndarray) -> Path:
+    """Write every frame as a PNG: <folder>/frame_00000.png, frame_00001.png, ... (the folder is created)."""
+    from PIL import Image
+
+    frames = to_uint8_frames(video)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(folder / f"frame_{i:05d}.png", format="PNG")
+    return folder
+
+
+VIDEO_FORMATS = (".mp4", ".gif", ".png", "")
+"""save_video's destinations by suffix: H.264 mp4, animated GIF, PNG contact sheet, or (no suffix) a folder
+of PNG frames."""
+
+
+def check_video_path(path: str | os.PathLike) -> str:
+    """The destination kind of `path` (its lower-case suffix, "" for a folder); ValueError naming the
+    supported ones otherwise. Call it before generating, so a bad name fails at once."""
     suffix = Path(path).suffix.lower()
+    if suffix not in VIDEO_FORMATS:
+        raise ValueError(f"unsupported video extension {suffix!r} in {path}: use .mp4, .gif, .png (a contact "
+                         f"sheet) or a folder name without an extension (PNG frames)")
+    return suffix
+
+
+def save_video(path: str | os.PathLike, video: torch.Tensor | np.ndarray, fps: float = 16) -> Path:
+    """Write by extension: .mp4 (H.264), .gif, .png (contact sheet), or no suffix: a folder of PNG frames."""
+    suffix = check_video_path(path)
     if suffix == ".mp4":
         return write_mp4(path, video, fps=fps)
     if suffix == ".gif":
         return write_gif(path, video, fps=fps)
     if suffix == ".png":
         return write_contact_sheet(path, video)
-    raise ValueError(f"unsupported video extension {suffix!r} in {path}: use .mp4, .gif or .png")
+    return write_png_frames(path, video)

@@ -49,12 +49,17 @@ def tiny_vae(seed: int = 0):
 
 
 def tiny_text_encoder(folder: Path, seed: int = 0):
-    """(UMT5EncoderModel, tokenizer) of the tiny umT5 (d_model 32), saved to `folder` and read back."""
+    """(UMT5EncoderModel, tokenizer) of the tiny umT5 (d_model 32), saved to `folder` and read back, with
+    Wan's relative-position max distance (128, which Wan's files do not record)."""
+    import json
+
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     from arcopo_fast.model.tiny_assets import build_tiny_text_encoder
 
     build_tiny_text_encoder(folder, seed=seed)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "relative_attention_max_distance": 128}))
     return UMT5EncoderModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
 
 

@@ -130,8 +130,8 @@ def test_merge_writes_w0_plus_semi_plus_scaled_on(tmp_path):
     assert merge_main(["--base", str(base), "--semi", str(semi_dir), "--on", str(run), "--scale", "0.8", "--out", str(out)]) == 0
     merged = load_model(out).state_dict()
     w0 = load_file(str(base))
-    on = load_file(str(on_dir / adapters.ADAPTER_FILE))
-    semi = load_file(str(semi_dir / adapters.ADAPTER_FILE))
+    on = adapters.read_adapter(on_dir)[1]
+    semi = adapters.read_adapter(semi_dir)[1]
     key = "blocks.0.self_attn.q"
     d_on = on[f"{key}.lora_B.weight"] @ on[f"{key}.lora_A.weight"] * (8 / 4)
     d_semi = semi[f"{key}.lora_B.weight"] @ semi[f"{key}.lora_A.weight"] * (8 / 4)
@@ -202,11 +202,11 @@ def test_sample_and_evaluate_clis(tmp_path):
     from arcopo_fast.video_io import read_mp4
 
     mp4 = tmp_path / "v.mp4"
-    assert sample_main(["--prompt", "a red balloon", "--out", str(mp4), "--num-chunks", "2", "--height", "4", "--width", "4"]) == 0
+    assert sample_main(["--prompt", "a red balloon", "--out", str(mp4), "--num-frames", "21", "--height", "32", "--width", "32"]) == 0
     frames, fps = read_mp4(mp4)
-    assert frames.shape[0] == 4 * (2 * 3 - 1) + 1 and fps == 16
+    assert frames.shape[0] == 21 and fps == 16
     ev = tmp_path / "eval"
-    assert eval_main(["--out", str(ev), "--num-chunks", "1", "--height", "4", "--width", "4", "--rewards", "brightness,flicker"]) == 0
+    assert eval_main(["--out", str(ev), "--num-frames", "9", "--height", "32", "--width", "32", "--rewards", "brightness,flicker"]) == 0
     res = json.loads((ev / "results.json").read_text())
     assert res["num_videos"] == 4 and "brightness/score" in res["means"] and "total" in res["means"]
     assert (ev / "results.md").read_text().startswith("| metric |")
