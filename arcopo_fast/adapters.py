@@ -189,7 +189,7 @@ def diffusers_lora_state_dict(adapters: list[tuple[LoraConfig, dict[str, torch.T
     if not adapters:
         raise ValueError("give at least one adapter")
     per_module: dict[str, list] = {}
-    for i, (cfg, state, scale) in enumerate(adapters):
+    for i, (_, state, _) in enumerate(adapters):
         for k, a in state.items():
             if k.endswith(".lora_A.weight"):
                 mod = k[: -len(".lora_A.weight")]

@@ -22,8 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 DEFAULT_EVAL_PROMPTS = (
     "a lighthouse beam sweeping across a foggy sea",
     "a cat stretching on a sunny windowsill",

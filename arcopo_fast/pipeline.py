@@ -204,7 +204,13 @@ class StreamingPipeline:
         from transformers import AutoTokenizer
 
         from .model.text_encoder import TextEncoder
-        from .model.wan_original import UMT5_FILE, UMT5_TOKENIZER_DIR, VAE_FILE, load_umt5_encoder, load_wan_vae
+        from .model.wan_original import (
+            UMT5_FILE,
+            UMT5_TOKENIZER_DIR,
+            VAE_FILE,
+            load_umt5_encoder,
+            load_wan_vae,
+        )
 
         wan_dir = Path(wan_dir).expanduser()
         need = {"umT5 encoder": wan_dir / UMT5_FILE, "umT5 tokenizer": wan_dir / UMT5_TOKENIZER_DIR, "VAE": wan_dir / VAE_FILE}

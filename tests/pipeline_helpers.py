@@ -70,3 +70,27 @@ def tiny_wan_pipeline(folder: Path, seed: int = 0):
     encoder, tokenizer = tiny_text_encoder(folder / "umt5", seed)
     return WanPipeline(tokenizer=tokenizer, text_encoder=encoder, transformer=tiny_transformer(seed),
                        vae=tiny_vae(seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+
+
+def write_self_forcing_layout(root, wan_pipe):
+    """Self-Forcing's files, tiny: checkpoints/self_forcing_dmd.pt and wan_models/Wan2.1-T2V-1.3B/ with Wan's
+    original umT5 / VAE files and the umT5 tokenizer, from the components of `wan_pipe`."""
+    from arcopo_fast.model.checkpoint import diffusers_to_wan
+    from arcopo_fast.model.wan_original import (
+        UMT5_FILE,
+        UMT5_TOKENIZER_DIR,
+        VAE_FILE,
+        umt5_to_original,
+        vae_to_original,
+    )
+
+    ckpt = root / "checkpoints" / "self_forcing_dmd.pt"
+    ckpt.parent.mkdir(parents=True)
+    gen = {f"model.{k}": v for k, v in diffusers_to_wan(wan_pipe.transformer.state_dict()).items()}
+    torch.save({"generator": {k: v + 1 for k, v in gen.items()}, "generator_ema": gen}, ckpt)
+    wan_dir = root / "wan_models" / "Wan2.1-T2V-1.3B"
+    wan_dir.mkdir(parents=True)
+    torch.save(umt5_to_original(wan_pipe.text_encoder.state_dict()), wan_dir / UMT5_FILE)
+    torch.save(vae_to_original(wan_pipe.vae.state_dict(), wan_pipe.vae.config.num_res_blocks), wan_dir / VAE_FILE)
+    wan_pipe.tokenizer.save_pretrained(wan_dir / UMT5_TOKENIZER_DIR)
+    return ckpt, wan_dir

@@ -101,7 +101,6 @@ def test_adapters_written_before_still_load(files, tmp_path):
 
 def _diffusers_pipe_with_lora(wan_pipe, path):
     from diffusers import WanPipeline
-
     from pipeline_helpers import tiny_transformer
 
     pipe = WanPipeline(tokenizer=wan_pipe.tokenizer, text_encoder=wan_pipe.text_encoder, transformer=tiny_transformer(0),

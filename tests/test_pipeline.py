@@ -10,8 +10,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from arcopo_fast import StreamingPipeline, StreamingPipelineOutput  # noqa: E402
-from arcopo_fast import adapters  # noqa: E402
+from arcopo_fast import StreamingPipeline, StreamingPipelineOutput, adapters  # noqa: E402
 
 H, W, N = 32, 48, 21  # pixels; 21 frames = 2 chunks of 3 latent frames
 PROMPTS = ["a red balloon over a lake", "a cat on a sunny windowsill"]

@@ -19,7 +19,6 @@ pytest.importorskip("diffusers")
 from arcopo_fast.model.checkpoint import CheckpointError  # noqa: E402
 from arcopo_fast.model.wan_original import (  # noqa: E402
     UMT5_FILE,
-    UMT5_TOKENIZER_DIR,
     VAE_FILE,
     load_umt5_encoder,
     load_wan_vae,
@@ -31,9 +30,8 @@ from arcopo_fast.model.wan_original import (  # noqa: E402
 
 
 def _tiny_umt5(seed=0, layers=2):
-    from transformers import UMT5Config, UMT5EncoderModel
-
     from pipeline_helpers import randomize
+    from transformers import UMT5Config, UMT5EncoderModel
 
     cfg = UMT5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=layers, num_heads=4,
                      relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
@@ -129,7 +127,6 @@ def test_vae_names_agree_with_diffusers_converter_on_the_13b_layout():
 
 def test_vae_from_wan_names_decodes_and_encodes_the_same(tmp_path):
     from diffusers import AutoencoderKLWan
-
     from pipeline_helpers import randomize
 
     ref = randomize(AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 3], num_res_blocks=1,
@@ -151,24 +148,9 @@ def test_vae_from_wan_names_decodes_and_encodes_the_same(tmp_path):
         load_wan_vae(sd)
 
 
-def write_self_forcing_layout(root, wan_pipe):
-    """Self-Forcing's files, tiny: checkpoints/self_forcing_dmd.pt and wan_models/Wan2.1-T2V-1.3B/ with Wan's
-    original umT5 / VAE files and the umT5 tokenizer, from the components of `wan_pipe`."""
-    from arcopo_fast.model.checkpoint import diffusers_to_wan
-
-    ckpt = root / "checkpoints" / "self_forcing_dmd.pt"
-    ckpt.parent.mkdir(parents=True)
-    gen = {f"model.{k}": v for k, v in diffusers_to_wan(wan_pipe.transformer.state_dict()).items()}
-    torch.save({"generator": {k: v + 1 for k, v in gen.items()}, "generator_ema": gen}, ckpt)
-    wan_dir = root / "wan_models" / "Wan2.1-T2V-1.3B"
-    wan_dir.mkdir(parents=True)
-    torch.save(umt5_to_original(wan_pipe.text_encoder.state_dict()), wan_dir / UMT5_FILE)
-    torch.save(vae_to_original(wan_pipe.vae.state_dict(), wan_pipe.vae.config.num_res_blocks), wan_dir / VAE_FILE)
-    wan_pipe.tokenizer.save_pretrained(wan_dir / UMT5_TOKENIZER_DIR)
-    return ckpt, wan_dir
-
-
 def test_from_self_forcing_equals_from_diffusers(wan_pipe, tmp_path):
+    from pipeline_helpers import write_self_forcing_layout
+
     from arcopo_fast import StreamingPipeline
 
     ckpt, wan_dir = write_self_forcing_layout(tmp_path, wan_pipe)
