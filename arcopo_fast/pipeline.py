@@ -135,9 +135,9 @@ class StreamingPipeline:
         if (path / VAE_FILE).is_file() and not (path / "vae").is_dir():
             return cls.from_self_forcing(checkpoint, path, ema=ema, device=dev, dtype=dt, compile=compile,
                                          schedule=schedule)
-        missing = [d for d in ("transformer", "text_encoder", "tokenizer", "vae") if not (path / d).is_dir()
-                   and not (d == "transformer" and checkpoint) and not (d in ("text_encoder", "tokenizer") and text_encoder)
-                   and not (d == "vae" and vae is not None)]
+        needed = {"transformer": checkpoint is None, "text_encoder": text_encoder is None,
+                  "tokenizer": text_encoder is None, "vae": vae is None}  # the parts not given by keyword
+        missing = [d for d, need in needed.items() if need and not (path / d).is_dir()]
         if missing:
             raise FileNotFoundError(f"{path} is not in diffusers' WanPipeline layout: it lacks {missing}")
         model = _load_dit(checkpoint or path, dev, dt, ema)

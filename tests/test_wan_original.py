@@ -155,11 +155,16 @@ def test_from_self_forcing_equals_from_diffusers(wan_pipe, tmp_path):
 
     ckpt, wan_dir = write_self_forcing_layout(tmp_path, wan_pipe)
     sf = StreamingPipeline.from_self_forcing(ckpt, wan_dir, device="cpu")
+    release = StreamingPipeline.from_pretrained(wan_dir, checkpoint=ckpt, device="cpu")  # Wan's folder, detected
     ref = StreamingPipeline.from_diffusers(wan_pipe)
-    for p in (sf, ref):
+    for p in (sf, release, ref):
         p.set_progress_bar_config(disable=True)
     kw = dict(height=32, width=32, num_frames=9, seed=1)
-    torch.testing.assert_close(sf("a red balloon", **kw).frames, ref("a red balloon", **kw).frames, rtol=0, atol=1e-5)
+    want = ref("a red balloon", **kw).frames
+    torch.testing.assert_close(sf("a red balloon", **kw).frames, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(release("a red balloon", **kw).frames, want, rtol=0, atol=1e-5)
+    assert not torch.allclose(StreamingPipeline.from_self_forcing(ckpt, wan_dir, ema=False).model.head.head.weight,
+                              sf.model.head.head.weight)  # ema=False reads "generator"
     (wan_dir / VAE_FILE).unlink()
     with pytest.raises(FileNotFoundError, match=r"lacks Wan's original files: VAE \(.*Wan2.1_VAE.pth\)"):
         StreamingPipeline.from_self_forcing(ckpt, wan_dir)
