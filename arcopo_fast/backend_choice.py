@@ -14,7 +14,7 @@ nothing on the detached cache and prefix. (Mixing one implementation's forward w
 not offered: neither backward can consume the other's saved state without recomputing the forward.)
 
 Shape buckets keep the timings few: B, Lq and Lk (prefix + cache + chunk) rounded up to powers of two, H
-and D exact. An 81-frame video (Lk = 4680 .. 32760 in 7 steps) measures in 4 buckets per variant.
+and D exact. An 81-frame video (Lk = 4680 .. 32760 in 7 steps) measures in 3 buckets per variant.
 Candidates that raise at the call's shape are left out, with their error in the verdict.
 `python -m arcopo_fast.doctor` prints the verdicts with their timings.
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-Timer = Callable[[Callable[[], object], torch.device], float]
+Timer = Callable[[str, Callable[[], object], torch.device], float]  # (candidate, call, device) -> ms
 FORMAT = 1
 
 
@@ -51,7 +51,7 @@ def bucket_size(b: str) -> int:
     return f["B"] * f["Lq"] * f["Lk"] * f["H"]
 
 
-def default_timer(fn: Callable[[], object], device: torch.device) -> float:
+def default_timer(name: str, fn: Callable[[], object], device: torch.device) -> float:
     from .timing import median_ms
 
     # a few iterations: enough to rank candidates that differ by more than a few percent
@@ -165,7 +165,7 @@ class Chooser:
         for name, fn in candidates.items():
             try:
                 fn()  # compile / autotune outside the clock; a candidate that cannot run this shape drops out
-                ms[name] = round(float(self.timer(fn, device)), 5)
+                ms[name] = round(float(self.timer(name, fn, device)), 5)
                 self.timings_run += 1
             except Exception as e:  # noqa: BLE001
                 failed[name] = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"

@@ -90,8 +90,9 @@ def choose(
 def main(argv: list[str]) -> int:
     """`python build_archs.py [NVCC]`: print 'ARCH_LIST|WHY' for CMake."""
     nvcc = argv[1] if len(argv) > 1 else None
-    try:
-        archs, why = choose(os.environ, visible_capabilities(), nvcc_version(nvcc))
+    forced = any(os.environ.get(n, "").strip() for n in ("ARCOPO_CUDA_ARCH_LIST", "TORCH_CUDA_ARCH_LIST"))
+    try:  # the GPU query (importing torch) and nvcc only when the environment does not decide
+        archs, why = choose(os.environ, [] if forced else visible_capabilities(), None if forced else nvcc_version(nvcc))
     except ValueError as e:
         print(f"arcopo_fast: {e}", file=sys.stderr)
         return 2

@@ -176,6 +176,7 @@ def _fork_fallback(device: str, dtype: str) -> str | None:
         reason = fallback_reason(device)
         if reason is None and dtype != "none" and not selftest.passed("kv_fork", "fwd", "cpp", device, dtype):
             reason = fallback_reason(device)
+            _warned_devices.add(device)  # the self-test's warning was the one
         _REASONS[key] = reason
     return _REASONS[key]
 

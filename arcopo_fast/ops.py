@@ -154,8 +154,13 @@ def explain(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloa
                 info["backend"] = be
             except RuntimeError as e:
                 info["backend"], info["error"] = "unavailable", str(e)
-            info["why"] = {"auto": "auto: triton on CUDA when importable, torch otherwise"}.get(
-                want, "forced by ARCOPO_BACKEND / run.attention_backend")
+            if want != "auto":
+                info["why"] = "forced by ARCOPO_BACKEND / run.attention_backend (self-tested before first use)"
+            elif device.type == "cuda":
+                info["why"] = "auto on CUDA: triton after its self-test passes" if triton_available() else \
+                    "auto on CUDA: triton is not importable"
+            else:
+                info["why"] = "auto on CPU: the torch path"
             if failed:
                 info["why"] += "; self-test failures fall back to torch"
         out[op] = info

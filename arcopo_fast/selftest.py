@@ -475,8 +475,15 @@ def _check_kv_fork(*, variant, backend, device, dtype, gen, size):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def all_checks(device: str, dtype: str, head_dim: int = 128) -> list[tuple[str, str, str]]:
-    """(op, variant, backend) of every non-torch backend that could serve on `device` in `dtype`."""
+# One variant per kernel family: the interpreter's share of `doctor --selftest` on a CPU machine
+QUICK = {("chunk_attention", "cache/fwd+bwd"), ("chunk_attention", "prefix/fwd"), ("block_causal_attention", "fwd"),
+         ("qk_norm_rope", "fwd"), ("consistency_step", "noise"), ("philox_normal", "fwd"),
+         ("neighbour_logprobs", "fwd+bwd"), ("kv_fork", "fwd")}
+
+
+def all_checks(device: str, dtype: str, head_dim: int = 128, quick: bool = False) -> list[tuple[str, str, str]]:
+    """(op, variant, backend) of every non-torch backend that could serve on `device` in `dtype` (quick: one
+    variant per kernel family, and the attention candidates' forward)."""
     from . import ext, ops
 
     d = f"d{head_dim}"
@@ -496,18 +503,20 @@ def all_checks(device: str, dtype: str, head_dim: int = 128) -> list[tuple[str, 
             out.append(("chunk_attention", f"cache/fwd/{d}", cand))
     if ext.extension_loaded() and (not device.startswith("cuda") or ext.extension_has_cuda()):
         out.append(("kv_fork", "fwd", "cpp"))
+    if quick:
+        out = [c for c in out if c[2] != "triton" or (c[0], c[1].removesuffix(f"/{d}")) in QUICK]
     return out
 
 
 def run_all(device: str, dtype: str, sizes=SIZES, head_dim: int = 128, ops_filter=None, budget_s: float | None = None,
-            progress: Callable[[Verdict], None] | None = None) -> list[Verdict]:
+            progress: Callable[[Verdict], None] | None = None, quick: bool = False) -> list[Verdict]:
     """Run every check now (not cached: a report). The 1.3B size only on CUDA (far too slow interpreted)."""
     out = []
     t0 = time.perf_counter()
     for size in sizes:
         if size == "1.3b" and not device.startswith("cuda"):
             continue
-        for op, variant, backend in all_checks(device, dtype, head_dim):
+        for op, variant, backend in all_checks(device, dtype, head_dim, quick):
             if ops_filter and op not in ops_filter:
                 continue
             if budget_s is not None and time.perf_counter() - t0 > budget_s:
