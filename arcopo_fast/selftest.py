@@ -321,7 +321,8 @@ def _check_chunk_attention(*, variant, backend, device, dtype, gen, size):
         seg["prefix_rows"] = torch.ones(B, device=device, dtype=torch.int32)
     if kind not in ("own", "cache", "ragged", "prefix"):
         raise ValueError(f"unknown chunk_attention variant {variant!r}")
-    cand = lambda q, k, v: ops.chunk_attention(q, k, v, **seg, backend=backend)
+    # cache_scratch: an SDPA candidate reads the contiguous [past ; own] view, as it would in KVCache
+    cand = lambda q, k, v: ops.chunk_attention(q, k, v, **seg, backend=backend, cache_scratch=kind == "cache")
     torch_fn = lambda q, k, v: ops.chunk_attention(q, k, v, **seg, backend="torch")
 
     def ref_fn(q, k, v):
@@ -338,7 +339,7 @@ def _check_block_causal(*, variant, backend, device, dtype, gen, size):
 
     p = _parts(variant)
     grad, D = p.get("pass") == "fwd+bwd", int(p.get("d", 64))
-    B, L, H, chunk = (1, 70, 2, 24) if size == "small" else (1, 3 * 4680, 12, 4680)
+    B, L, H, chunk = (1, 70, 2, 24) if size == "small" else (1, 2 * 4680, 12, 4680)  # float64 ref: ~40 GB
     q, k, v, cot = (_rand(gen, B, L, H, D, device=device, dtype=dtype) for _ in range(4))
     cand = lambda q, k, v: ops.block_causal_attention(q, k, v, chunk, backend=backend)
     torch_fn = lambda q, k, v: ops.block_causal_attention(q, k, v, chunk, backend="torch")
@@ -498,8 +499,11 @@ def all_checks(device: str, dtype: str, head_dim: int = 128, quick: bool = False
         out += [("consistency_step", "final", "triton"), ("consistency_step", "noise", "triton")]
         out.append(("philox_normal", "fwd", "triton"))
         out += [("neighbour_logprobs", "fwd", "triton"), ("neighbour_logprobs", "fwd+bwd", "triton")]
+    from . import attention_backends as ab
+
+    call = ab.Call(torch.device(device).type, _dtype(dtype), head_dim, True, True, False)
     for cand in ops.attention_candidates(torch.device(device)):
-        if cand not in ("torch", "triton"):
+        if cand not in ("torch", "triton") and ab.unsupported(cand, call) is None:
             out.append(("chunk_attention", f"cache/fwd/{d}", cand))
     if ext.extension_loaded() and (not device.startswith("cuda") or ext.extension_has_cuda()):
         out.append(("kv_fork", "fwd", "cpp"))
