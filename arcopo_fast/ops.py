@@ -257,9 +257,10 @@ _AUTO_MEMO: dict[tuple, str] = {}
 selftest.on_reset(_AUTO_MEMO.clear)
 
 
-def _auto_attention(op: str, variant: str, q: torch.Tensor, lk: int, call, names: list[str], runner) -> str:
+def _auto_attention(op: str, variant: str, q: torch.Tensor, lk: int, call, names, runner) -> str:
     """The backend of an "auto" attention call: see the module docstring. `runner(name)` runs the call with
-    candidate `name` on its own tensors (the timing), `names` are the candidates that support the call."""
+    candidate `name` on its own tensors (the timing), `names()` lists the candidates that support the call
+    (asked only when the memo misses: a later call costs one dict lookup)."""
     if q.device.type not in MEASURE_ON:
         return "torch"
     if torch.compiler.is_compiling():
@@ -274,7 +275,7 @@ def _auto_attention(op: str, variant: str, q: torch.Tensor, lk: int, call, names
         return be
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         return _traced_attention_backend(op, variant, str(q.device), str(q.dtype))  # no timing in a capture
-    ok = [n for n in names if n == "torch" or selftest.passed(op, variant, n, str(q.device), str(q.dtype))]
+    ok = [n for n in names() if n == "torch" or selftest.passed(op, variant, n, str(q.device), str(q.dtype))]
     ch = backend_choice.chooser()
     key = ch.key(op, variant, q.dtype, bucket)
     be = ch.choose(q.device, key, {n: (lambda n=n: runner(n)) for n in ["torch"] + [n for n in ok if n != "torch"]})
@@ -357,6 +358,8 @@ def chunk_attention(
         return run(want if explicit else _gate("chunk_attention", variant, want, q))
     if q.device.type not in MEASURE_ON:
         return run("torch")
+    if torch.compiler.is_compiling():  # before anything below guards on a symbolic cache length
+        return run(_traced_attention_backend("chunk_attention", variant, str(q.device), str(q.dtype)))
     from . import attention_backends as ab
 
     lengths_equal = not isinstance(cache_len, torch.Tensor) and not isinstance(prefix_len, torch.Tensor)
@@ -366,8 +369,8 @@ def chunk_attention(
     for kc, n in ((k_cache, cache_len), (k_prefix, prefix_len)):
         if kc is not None:
             lk += n if isinstance(n, int) else kc.shape[1]  # a tensor length: its capacity (no sync)
-    names = [n for n in attention_candidates(q.device, "chunk_attention")
-             if n in ("torch", "triton") or ab.unsupported(n, call) is None]
+    names = lambda: [n for n in attention_candidates(q.device, "chunk_attention")
+                     if n in ("torch", "triton") or ab.unsupported(n, call) is None]
     be = _auto_attention("chunk_attention", variant, q, lk, call, names,
                          lambda n: _timed_call(lambda a, b, c: run(n, a, b, c), grad, q, k, v))
     return run(be)
@@ -420,10 +423,8 @@ def block_causal_attention(
         return run(want if explicit else _gate("block_causal_attention", variant, want, q))
     if q.device.type not in MEASURE_ON:
         return run("torch")
-    names = [n for n in attention_candidates(q.device, "block_causal_attention")
-             if not (n == "triton" and window_tokens is not None)]
-    if q.is_cuda:
-        names.append("flex")
+    names = lambda: [n for n in attention_candidates(q.device, "block_causal_attention")
+                     if not (n == "triton" and window_tokens is not None)] + (["flex"] if q.is_cuda else [])
     be = _auto_attention("block_causal_attention", variant, q, q.shape[1], window_tokens, names,
                          lambda n: _timed_call(lambda a, b, c: run(n, a, b, c), grad, q, k, v))
     return run(be)

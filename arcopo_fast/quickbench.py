@@ -192,7 +192,8 @@ def step(ctx: Ctx) -> list[dict]:
         sigmas = torch.tensor([1.0, 0.9375, 0.8333, 0.625], device=ctx.device)
         plan = NoisePlan(7)
         words = plan.words(plan.key(list(range(B)), chunk=2, step=2, kind=NoiseKind.SOLVER), device=ctx.device)
-        impls = {n: (lambda n=n: ops.consistency_step(x, flow, sigmas, 1, words, backend=n))
+        impls = {n: (lambda n=n, x=x, flow=flow, sigmas=sigmas, words=words:
+                     ops.consistency_step(x, flow, sigmas, 1, words, backend=n))
                  for n in (["triton", "torch"] if ctx.cuda else ["torch"])}
         for r in _compare(ctx, "step", impls, "triton", ["torch"], B=B):
             if "ms" in r:

@@ -407,7 +407,6 @@ def _check_consistency_step(*, variant, backend, device, dtype, gen, size):
 @_register("philox_normal")
 def _check_philox(*, variant, backend, device, dtype, gen, size):
     from . import ops
-    from .kernels import reference as ref
 
     B, n = (3, 4099) if size == "small" else (12, 299_520)
     k0, k1 = (int(torch.randint(0, 2**32 - 1, (1,), generator=gen)) for _ in range(2))

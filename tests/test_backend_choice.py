@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 
-from triton_env import require_kernel_device  # first: sets TRITON_INTERPRET before triton is imported
+from triton_env import require_kernel_device
 
-import pytest
-import torch
+require_kernel_device()  # sets TRITON_INTERPRET=1 (CPU) unless chosen; before triton is imported
 
-from arcopo_fast import attention_backends, backend_choice, ops, selftest
-from arcopo_fast.backend_choice import Chooser
-from arcopo_fast.kernels import reference as ref
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-require_kernel_device()
+from arcopo_fast import attention_backends, backend_choice, ops, selftest  # noqa: E402
+from arcopo_fast.backend_choice import Chooser  # noqa: E402
+from arcopo_fast.kernels import reference as ref  # noqa: E402
 
 B, LQ, H, D = 2, 16, 2, 16
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from triton_env import INTERPRET  # first: sets TRITON_INTERPRET before triton is imported
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from arcopo_fast import build_archs, doctor, ext, quickbench, selftest
+from arcopo_fast import build_archs, doctor, ext, quickbench, selftest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

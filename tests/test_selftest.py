@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import warnings
 
-from triton_env import require_kernel_device  # first: sets TRITON_INTERPRET before triton is imported
+from triton_env import require_kernel_device
 
-import pytest
-import torch
+require_kernel_device()  # sets TRITON_INTERPRET=1 (CPU) unless chosen; before triton is imported
 
-from arcopo_fast import ext, ops, selftest
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-require_kernel_device()
-
+from arcopo_fast import ext, ops, selftest  # noqa: E402
 from arcopo_fast.kernels import block_attn, neighbour  # noqa: E402
 from arcopo_fast.kernels import reference as ref  # noqa: E402
 
