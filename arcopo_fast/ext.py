@@ -3,11 +3,17 @@
     kv_fork_(caches, src_rows, dst_rows, n_tokens)   batched in-place KV-cache fork (one CUDA launch)
     extension_loaded() -> bool                       arcopo_fast._C imported (ops.describe() reports it)
     extension_has_cuda() -> bool                     ... and was compiled with csrc/cuda
+    extension_archs() -> str                         the CUDA archs it was compiled for ("8.0;9.0+PTX")
+    fallback_reason(device) -> str | None            why kv_fork_ on `device` runs the torch fallback
+    kv_fork_cpp_(...)                                the compiled op, unchecked by the self-test
     kv_fork_torch_(...)                              the pure-torch fallback, same semantics and messages
 
-When the extension cannot be imported (not built, or built for another torch), or has no CUDA kernels
-and gets CUDA tensors, kv_fork_ runs the pure-torch fallback and warns once. The op is registered with
-TORCH_LIBRARY as arcopo_fast::kv_fork_ and has a fake kernel here, so torch.compile traces it.
+kv_fork_ runs the pure-torch fallback, with one warning, when the extension cannot be imported (not
+built, or built for another torch), has no CUDA kernels and gets CUDA tensors, fails its self-test on the
+device (arcopo_fast.selftest: the first fork on each CUDA device and dtype is checked against the torch
+fork), or raises a kernel-image / arch error (built for other archs than the card's: "no kernel image is
+available", "invalid device function"). The op is registered with TORCH_LIBRARY as arcopo_fast::kv_fork_
+and has a fake kernel here, so torch.compile traces it.
 
 Checks (both paths, same ValueError texts, each naming the argument): metadata always (no sync); row
 values (in range, distinct destinations, no destination is a source) on the host when the index tensors
@@ -33,7 +39,10 @@ except (ImportError, OSError) as _e:  # not built, or built against another torc
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["extension_has_cuda", "extension_loaded", "kv_fork_", "kv_fork_torch_"]
+__all__ = [
+    "extension_archs", "extension_has_cuda", "extension_loaded", "fallback_reason", "kv_fork_", "kv_fork_cpp_",
+    "kv_fork_torch_",
+]
 
 
 def extension_loaded() -> bool:
@@ -46,6 +55,14 @@ def extension_has_cuda() -> bool:
     return _C is not None and bool(_C.WITH_CUDA)
 
 
+def extension_archs() -> str:
+    """The CUDA archs arcopo_fast._C was compiled for, TORCH_CUDA_ARCH_LIST style ("" without CUDA;
+    "unknown" for a module built before the list was recorded)."""
+    if _C is None or not _C.WITH_CUDA:
+        return ""
+    return str(getattr(_C, "CUDA_ARCHS", "unknown")).replace(",", ";")
+
+
 if _C is not None:
 
     @torch.library.register_fake("arcopo_fast::kv_fork_")
@@ -54,19 +71,56 @@ if _C is not None:
         return None
 
 
-_warned = False
+_warned = False  # the extension is missing: one warning per process
+_warned_devices: set[str] = set()  # the extension is there but cannot serve a device: one per device
+# devices where the compiled op raised a kernel-image error: the torch fork serves them from then on
+_BROKEN: dict[str, str] = {}
+# Messages of a CUDA binary built for other archs than the card's (cudaErrorNoKernelImageForDevice,
+# cudaErrorInvalidDeviceFunction): not sticky, so the torch fallback can serve after them.
+_ARCH_ERRORS = ("no kernel image is available", "invalid device function", "not compiled for")
 
 
-def _warn_fallback(reason: str) -> None:
+def _warn_fallback(reason: str, device: str | None = None) -> None:
     global _warned
-    if not _warned:
-        _warned = True
+    if (device is None and not _warned) or (device is not None and device not in _warned_devices):
+        if device is None:
+            _warned = True
+        else:
+            _warned_devices.add(device)
         warnings.warn(
             f"arcopo_fast: kv_fork_ uses the pure-torch fallback ({reason}); build the extension with "
             "./setup.sh (pip install --no-build-isolation -e .)",
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def fallback_reason(device: torch.device | str) -> str | None:
+    """Why kv_fork_ on `device` runs the torch fallback (None: the compiled op serves). Does not run the
+    self-test; a failed verdict already recorded counts."""
+    device = torch.device(device)
+    if _C is None:
+        return f"arcopo_fast._C did not import: {_IMPORT_ERROR}"
+    if device.type == "cuda" and not _C.WITH_CUDA:
+        return "arcopo_fast._C was built without CUDA kernels"
+    if str(device) in _BROKEN:
+        return _BROKEN[str(device)]
+    from . import selftest
+
+    for v in selftest.verdicts():
+        if v.op == "kv_fork" and v.device == str(device) and not v.ok:
+            return f"self-test failed: {v.error}"
+    return None
+
+
+def kv_fork_cpp_(caches: list[torch.Tensor], src_rows: torch.Tensor, dst_rows: torch.Tensor, n_tokens: int) -> None:
+    """The compiled op itself (no self-test, no fallback): what the self-test checks."""
+    torch.ops.arcopo_fast.kv_fork_(caches, src_rows, dst_rows, n_tokens)
+
+
+def _is_arch_error(e: BaseException) -> bool:
+    text = str(e).lower()
+    return any(m in text for m in _ARCH_ERRORS)
 
 
 def kv_fork_(
@@ -87,14 +141,62 @@ def kv_fork_(
     caches = list(caches)
     n_tokens = operator.index(n_tokens)
     if _C is not None:
-        on_cuda = any(t.is_cuda for t in (*caches, src_rows, dst_rows))
-        if not on_cuda or _C.WITH_CUDA:
-            torch.ops.arcopo_fast.kv_fork_(caches, src_rows, dst_rows, n_tokens)
-            return
-        _warn_fallback("arcopo_fast._C was built without CUDA kernels")
+        devs = [t.device for t in (*caches, src_rows, dst_rows) if t.is_cuda]
+        device = str(devs[0]) if devs else "cpu"
+        dtype = str(caches[0].dtype) if caches else "none"
+        reason = _fork_fallback(device, dtype)
+        if reason is None:
+            try:
+                kv_fork_cpp_(caches, src_rows, dst_rows, n_tokens)
+                return
+            except RuntimeError as e:  # torch.AcceleratorError (CUDA errors) derives from it
+                if not _is_arch_error(e):
+                    raise
+                _BROKEN[device] = (
+                    f"arcopo_fast._C (built for CUDA archs {extension_archs() or '?'}) has no kernel for "
+                    f"{device}: {' '.join(str(e).split())[:200]}"
+                )
+                reason = _REASONS[(device, dtype)] = _BROKEN[device]
+        _warn_fallback(reason, device)
     else:
         _warn_fallback(f"arcopo_fast._C did not import: {_IMPORT_ERROR}")
     kv_fork_torch_(caches, src_rows, dst_rows, n_tokens)
+
+
+_REASONS: dict[tuple[str, str], str | None] = {}
+
+
+def _fork_fallback(device: str, dtype: str) -> str | None:
+    """fallback_reason after the self-test of the first fork on (device, dtype); memoised: one dict lookup
+    per later fork. Constant for torch.compile (Python arguments, evaluated at trace time)."""
+    key = (device, dtype)
+    if key not in _REASONS:
+        from . import selftest
+
+        reason = fallback_reason(device)
+        if reason is None and dtype != "none" and not selftest.passed("kv_fork", "fwd", "cpp", device, dtype):
+            reason = fallback_reason(device)
+            _warned_devices.add(device)  # the self-test's warning was the one
+        _REASONS[key] = reason
+    return _REASONS[key]
+
+
+_fork_fallback._dynamo_marked_constant = True
+
+
+def _forget() -> None:
+    _REASONS.clear()
+    _BROKEN.clear()
+    _warned_devices.clear()
+
+
+def _register_reset() -> None:
+    from . import selftest
+
+    selftest.on_reset(_forget)
+
+
+_register_reset()
 
 
 # ---------------------------------------------------------------------------------------------------------

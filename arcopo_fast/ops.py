@@ -2,13 +2,22 @@
 
 Backends:
   "triton"      arcopo_fast.kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1 for tests)
-  "torch"       kernels/reference.py's production torch path (SDPA for attention)
-  "flash_attn"  attention only, when the flash-attn package is importable (optional baseline)
-  "auto"        triton for CUDA tensors when triton imports, torch otherwise
+  "torch"       kernels/reference.py's production torch path (SDPA with its own dispatch for attention)
+  attention only (arcopo_fast.attention_backends): "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
+                "sdpa_math" (SDPA with that kernel forced), "flex" (FlexAttention), "flash_attn" (when the
+                flash-attn package is importable)
+  "auto"        the default, see below
 
-The default is "auto"; set ARCOPO_BACKEND=torch|triton|auto to force one for a whole process, or pass
-`backend=` to a call. An explicitly requested backend that cannot run raises; "auto" never guesses silently:
-`describe()` reports what it resolved to.
+How a call resolves (`explain()` / `python -m arcopo_fast.doctor` print it for every op):
+  backend= argument   exactly that backend; it raises if it cannot run (tests and benchmarks use this).
+  ARCOPO_BACKEND=...  (or the run config) that backend for the whole process, except where it fails its
+                      on-device self-test: then the torch path serves, after one warning (selftest.py).
+  auto                CUDA attention: the fastest candidate that passed its self-test, measured once per
+                      (device, dtype, op variant, shape bucket) and cached on disk (backend_choice.py).
+                      Other CUDA ops: triton if it passed its self-test, else torch. CPU: torch.
+Every non-torch backend is self-tested on its device before its first call there (ARCOPO_SELFTEST=0
+skips that). Under torch.compile the choice is made once at trace time (functions marked constant for
+dynamo, called with Python values) and baked into the graph; see `_traced_attention_backend`.
 """
 
 from __future__ import annotations
@@ -19,9 +28,14 @@ import os
 
 import torch
 
+from . import selftest
 from .kernels import reference as ref
 
-_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+_OP_BACKENDS = ("auto", "torch", "triton")
+_ATTENTION_ONLY = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "flash_attn")
+_BACKENDS = (*_OP_BACKENDS, *_ATTENTION_ONLY)
+# Devices where "auto" measures attention candidates (tests add "cpu", with fake timers)
+MEASURE_ON = ("cuda",)
 
 
 @functools.cache
@@ -49,36 +63,131 @@ triton_available._dynamo_marked_constant = True
 flash_attn_available._dynamo_marked_constant = True
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(t: torch.Tensor, backend: str | None = None, *, op: str = "op") -> str:
-    """The backend that will run `op` on tensors like `t`."""
+_interpreting = interpreting
+
+
+def _requested(backend: str | None) -> tuple[str, bool]:
+    """(wanted backend, explicit): the argument, else $ARCOPO_BACKEND, else auto."""
     want = backend or os.environ.get("ARCOPO_BACKEND", "auto")
     if want not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS} (argument or ARCOPO_BACKEND), got {want!r}")
-    if want == "auto":
-        return "triton" if (t.is_cuda and triton_available()) else "torch"
+    return want, backend is not None
+
+
+def _check_runnable(want: str, t: torch.Tensor, op: str) -> None:
     if want == "triton":
         if not triton_available():
             raise RuntimeError(f"{op}: backend 'triton' requested but triton is not importable")
-        if not (t.is_cuda or _interpreting()):
+        if not (t.is_cuda or interpreting()):
             raise RuntimeError(f"{op}: backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 on CPU")
     if want == "flash_attn" and not flash_attn_available():
         raise RuntimeError(f"{op}: backend 'flash_attn' requested but flash_attn is not installed")
-    return want
+
+
+def _gate(op: str, variant: str, be: str, t: torch.Tensor) -> str:
+    """be, or "torch" when be failed its self-test on t's device in t's dtype."""
+    if be == "torch" or selftest.passed(op, variant, be, str(t.device), str(t.dtype)):
+        return be
+    return "torch"
+
+
+def _resolve(t: torch.Tensor, backend: str | None, op: str) -> tuple[str, bool]:
+    want, explicit = _requested(backend)
+    if want == "auto":
+        want = "triton" if (t.is_cuda and triton_available()) else "torch"
+    elif want in _ATTENTION_ONLY:
+        want = "torch"  # an attention-only backend forced for the process: other ops run their torch path
+    _check_runnable(want, t, op)
+    return want, explicit
+
+
+def resolve_backend(t: torch.Tensor, backend: str | None = None, *, op: str = "op", variant: str = "fwd") -> str:
+    """The backend that will run `op` (non-attention ops: torch or triton) on tensors like `t`: a backend
+    other than torch that was not requested by the argument serves only after passing its self-test."""
+    want, explicit = _resolve(t, backend, op)
+    return want if explicit else _gate(op, variant, want, t)
+
+
+def attention_candidates(device: torch.device, op: str = "chunk_attention") -> list[str]:
+    """The backends "auto" may measure for an attention op on `device` (before per-call support checks)."""
+    device = torch.device(device)
+    out = []
+    if triton_available() and (device.type == "cuda" or interpreting()):
+        out.append("triton")
+    out.append("torch")
+    if op == "chunk_attention":
+        if device.type == "cuda":
+            out += ["sdpa_cudnn", "sdpa_flash", "flex"]
+            if flash_attn_available():
+                out.append("flash_attn")
+        else:
+            out += ["sdpa_math", "sdpa_flash"]  # CPU (tests): SDPA's math and flash CPU kernels
+    return out
+
+
+def explain(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> dict[str, dict]:
+    """Per op: the backend a call on `device` resolves to, and why (self-test verdicts, measured choices)."""
+    from . import backend_choice
+
+    device = torch.device(device)
+    t = torch.empty(0, device=device, dtype=dtype)
+    want, _ = _requested(None)
+    verdicts = [v for v in selftest.verdicts() if v.device == str(device)]
+    out: dict[str, dict] = {}
+    for op in ("chunk_attention", "block_causal_attention", "qk_norm_rope", "consistency_step", "philox_normal",
+               "neighbour_logprobs"):
+        failed = {f"{v.variant} {v.backend}": v.error for v in verdicts if v.op == op and not v.ok}
+        info: dict = {"requested": want, "selftest_failed": failed}
+        if op.endswith("attention") and want == "auto" and device.type in MEASURE_ON:
+            chosen = {k: c.as_dict() for k, c in backend_choice.chooser().choices(device).items()
+                      if k.startswith(op + "|")}
+            info.update(backend="measured per call shape", candidates=attention_candidates(device, op),
+                        measured=chosen)
+            info["why"] = "auto on CUDA: fastest self-tested candidate per (dtype, variant, shape bucket)"
+        else:
+            try:
+                be = _resolve(t, None, op)[0] if want in _OP_BACKENDS or not op.endswith("attention") else want
+                info["backend"] = be
+            except RuntimeError as e:
+                info["backend"], info["error"] = "unavailable", str(e)
+            if want != "auto":
+                info["why"] = "forced by ARCOPO_BACKEND / run.attention_backend (self-tested before first use)"
+            elif device.type == "cuda":
+                info["why"] = "auto on CUDA: triton after its self-test passes" if triton_available() else \
+                    "auto on CUDA: triton is not importable"
+            else:
+                info["why"] = "auto on CPU: the torch path"
+            if failed:
+                info["why"] += "; self-test failures fall back to torch"
+        out[op] = info
+    ext = _ext()
+    out["kv_fork"] = {"backend": _fork_backend(device), "why": ext.fallback_reason(device) or "the C++ extension"}
+    return out
+
+
+def _fork_backend(device: torch.device) -> str:
+    ext = _ext()
+    return "torch-fallback" if ext.fallback_reason(device) else "cpp"
 
 
 def describe(device: torch.device | str = "cpu") -> dict[str, str]:
-    """Which backend each op resolves to on `device` (logged at the start of every run)."""
+    """Which backend each op resolves to on `device` (logged at the start of every run; `explain` says why)."""
+    device = torch.device(device)
     t = torch.empty(0, device=device)
-    fork = "cpp" if _ext().extension_loaded() else "torch-fallback"
+    want, _ = _requested(None)
+    if want == "auto" and device.type in MEASURE_ON:
+        attention = "auto (measured per shape: " + ", ".join(attention_candidates(device)) + ")"
+    else:
+        attention = want if want in _ATTENTION_ONLY else _resolve(t, None, "attention")[0]
     return {
-        "attention": resolve_backend(t, op="attention"),
-        "step": resolve_backend(t, op="step"),
-        "qk_norm_rope": resolve_backend(t, op="qk_norm_rope"),
-        "kv_fork": fork,
+        "attention": attention,
+        "step": _resolve(t, None, "step")[0],
+        "qk_norm_rope": _resolve(t, None, "qk_norm_rope")[0],
+        "kv_fork": "cpp" if _ext().extension_loaded() and _fork_backend(device) == "cpp" else "torch-fallback",
     }
 
 
@@ -112,6 +221,80 @@ def _check_attention_inputs(q, k, v, k_cache, v_cache, k_prefix, v_prefix, prefi
             )
 
 
+def _grad_wanted(*ts: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def _attention_variant(kind: str, grad: bool, head_dim: int) -> str:
+    return f"{kind}/{'fwd+bwd' if grad else 'fwd'}/d{head_dim}"
+
+
+def _traced_attention_backend(op: str, variant: str, device: str, dtype: str) -> str:
+    """The backend of an attention call inside a torch.compile'd graph (one per op variant: shapes are
+    symbolic there). The measured winner of the largest bucket seen so far for (op, variant, dtype) when
+    it is our kernel; SDPA's own dispatch (torch) when another candidate won (forced-kernel contexts and
+    cache writes stay out of compiled graphs); before any measurement, triton when it passes its self-test.
+    Constant for dynamo: evaluated once at trace time."""
+    dev = torch.device(device)
+    if dev.type not in MEASURE_ON:
+        return "torch"
+    from . import backend_choice
+
+    tri = triton_available() and selftest.passed(op, variant, "triton", device, dtype)
+    prefix = f"{op}|{variant}|{dtype.removeprefix('torch.')}|"
+    measured = [(backend_choice.bucket_size(k.split("|")[3]), c.backend)
+                for k, c in backend_choice.chooser().choices(dev).items() if k.startswith(prefix)]
+    if measured:
+        return "triton" if max(measured)[1] == "triton" and tri else "torch"
+    return "triton" if tri else "torch"
+
+
+_traced_attention_backend._dynamo_marked_constant = True
+
+# (op, variant, device, dtype, bucket, call) -> backend: the measured choice after its first call, one dict
+# lookup (no sync, no timing)
+_AUTO_MEMO: dict[tuple, str] = {}
+selftest.on_reset(_AUTO_MEMO.clear)
+
+
+def _auto_attention(op: str, variant: str, q: torch.Tensor, lk: int, call, names, runner) -> str:
+    """The backend of an "auto" attention call: see the module docstring. `runner(name)` runs the call with
+    candidate `name` on its own tensors (the timing), `names()` lists the candidates that support the call
+    (asked only when the memo misses: a later call costs one dict lookup)."""
+    if q.device.type not in MEASURE_ON:
+        return "torch"
+    if torch.compiler.is_compiling():
+        return _traced_attention_backend(op, variant, str(q.device), str(q.dtype))
+    from . import backend_choice
+
+    B, Lq, H, D = q.shape
+    bucket = backend_choice.bucket(B, Lq, lk, H, D)
+    memo_key = (op, variant, str(q.device), q.dtype, bucket, call)
+    be = _AUTO_MEMO.get(memo_key)
+    if be is not None:
+        return be
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return _traced_attention_backend(op, variant, str(q.device), str(q.dtype))  # no timing in a capture
+    ok = [n for n in names() if n == "torch" or selftest.passed(op, variant, n, str(q.device), str(q.dtype))]
+    ch = backend_choice.chooser()
+    key = ch.key(op, variant, q.dtype, bucket)
+    be = ch.choose(q.device, key, {n: (lambda n=n: runner(n)) for n in ["torch"] + [n for n in ok if n != "torch"]})
+    _AUTO_MEMO[memo_key] = be
+    return be
+
+
+def _timed_call(fn, grad: bool, q, k, v):
+    """A zero-argument timing call of fn(q, k, v): forward only, or forward + backward on fresh leaves
+    (the caller's autograd graph is never touched)."""
+    if not grad:
+        with torch.no_grad():
+            return fn(q, k, v)
+    qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+    with torch.enable_grad():
+        out = fn(qq, kk, vv)
+        return torch.autograd.grad(out, (qq, kk, vv), torch.ones_like(out))
+
+
 def chunk_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -127,6 +310,7 @@ def chunk_attention(
     *,
     scale: float | None = None,
     backend: str | None = None,
+    cache_scratch: bool = False,
 ) -> torch.Tensor:
     """A chunk's queries attend, unmasked, to [prefix segment ; cache segment ; the chunk itself].
 
@@ -136,26 +320,60 @@ def chunk_attention(
     cache_rows:         int32 [B]        cache row read by query row b (default: b)
     k_prefix, v_prefix: [Rp, Lp, H, D]   zero-copy fork: a parent's prefix, read before the cache segment
     prefix_len, prefix_rows              as above, for the prefix segment
+    cache_scratch:      the caller allows writing the chunk's k, v into k_cache/v_cache[b, cache_len:
+                        cache_len + Lq] (free slots): SDPA candidates then read one contiguous view
+                        (attention_backends.py). KVCache passes True: those slots are its next chunk's.
 
         keys of query row b (chunk = Lq tokens, every query sees every key: block-causal by construction)
         |<- k_prefix[prefix_rows[b], :prefix_len] ->|<- k_cache[cache_rows[b], :cache_len] ->|<- k[b] ->|
     Returns [B, Lq, H, D] in q's dtype.
     """
     _check_attention_inputs(q, k, v, k_cache, v_cache, k_prefix, v_prefix, prefix_rows)
-    be = resolve_backend(q, backend, op="chunk_attention")
     args = (k_cache, v_cache, cache_len, cache_rows, k_prefix, v_prefix, prefix_len, prefix_rows)
-    if be == "triton":
-        from .kernels import block_attn  # a plain import: torch.compile traces it, not importlib
+    grad = _grad_wanted(q, k, v)
+    if k_prefix is not None:
+        kind = "prefix"
+    elif k_cache is None:
+        kind = "own"
+    elif isinstance(cache_len, torch.Tensor) or cache_rows is not None:
+        kind = "ragged"
+    else:
+        kind = "cache"
+    variant = _attention_variant(kind, grad, q.shape[-1])
+    want, explicit = _requested(backend)
 
-        return block_attn.chunk_attention(q, k, v, *args, scale=scale)
-    if be == "flash_attn":
-        import flash_attn
+    def run(be: str, q=q, k=k, v=v):
+        if be == "triton":
+            from .kernels import block_attn  # a plain import: torch.compile traces it, not importlib
 
-        kk, vv, mask = ref.gather_chunk_kv(k, v, *args)
-        if mask is not None:
-            raise ValueError("backend 'flash_attn' supports equal lengths per row only (int cache_len/prefix_len)")
-        return flash_attn.flash_attn_func(q, kk, vv, softmax_scale=scale)
-    return ref.chunk_attention_torch(q, k, v, *args, scale=scale)
+            return block_attn.chunk_attention(q, k, v, *args, scale=scale)
+        if be == "torch":
+            return ref.chunk_attention_torch(q, k, v, *args, scale=scale)
+        from . import attention_backends
+
+        return attention_backends.chunk_attention(be, q, k, v, *args, scale=scale, cache_scratch=cache_scratch)
+
+    if want != "auto":
+        _check_runnable(want, q, "chunk_attention")
+        return run(want if explicit else _gate("chunk_attention", variant, want, q))
+    if q.device.type not in MEASURE_ON:
+        return run("torch")
+    if torch.compiler.is_compiling():  # before anything below guards on a symbolic cache length
+        return run(_traced_attention_backend("chunk_attention", variant, str(q.device), str(q.dtype)))
+    from . import attention_backends as ab
+
+    lengths_equal = not isinstance(cache_len, torch.Tensor) and not isinstance(prefix_len, torch.Tensor)
+    contiguous = ab.contiguous_view_ok(q, k, k_cache, cache_len, cache_rows, k_prefix, cache_scratch, grad)
+    call = ab.Call(q.device.type, q.dtype, q.shape[-1], lengths_equal, contiguous, grad)
+    lk = q.shape[1]
+    for kc, n in ((k_cache, cache_len), (k_prefix, prefix_len)):
+        if kc is not None:
+            lk += n if isinstance(n, int) else kc.shape[1]  # a tensor length: its capacity (no sync)
+    names = lambda: [n for n in attention_candidates(q.device, "chunk_attention")
+                     if n in ("torch", "triton") or ab.unsupported(n, call) is None]
+    be = _auto_attention("chunk_attention", variant, q, lk, call, names,
+                         lambda n: _timed_call(lambda a, b, c: run(n, a, b, c), grad, q, k, v))
+    return run(be)
 
 
 def block_causal_attention(
@@ -177,21 +395,39 @@ def block_causal_attention(
         c0       [##][  ][  ]
         c1       [##][##][  ]
         c2       [##][##][##]      (## = attend; tiles above the diagonal are skipped, not masked)
+
+    Backends: triton (no window), flex (FlexAttention's block mask, CUDA), torch (SDPA with a boolean mask);
+    any other attention backend runs flex on CUDA and torch on CPU.
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share a [B, L, H, D] shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     window = {"window_tokens": window_tokens, "sink_tokens": sink_tokens}
-    be = resolve_backend(q, backend, op="block_causal_attention")
-    if be == "triton" and window_tokens is None:
-        from .kernels import block_attn  # a plain import: torch.compile traces it, not importlib
+    grad = _grad_wanted(q, k, v)
+    variant = _attention_variant("window" if window_tokens is not None else "causal", grad, q.shape[-1])
+    variant = variant.removeprefix("causal/")
+    want, explicit = _requested(backend)
 
-        return block_attn.block_causal_attention(q, k, v, chunk_tokens, scale=scale)
-    if q.is_cuda and be != "torch":
-        # The rolling-window variant (and the flash_attn request) use FlexAttention's block mask on CUDA.
-        return _flex_block_causal(q, k, v, chunk_tokens, scale=scale, **window)
-    return ref.block_causal_attention_torch(q, k, v, chunk_tokens, scale=scale, **window)
+    def run(be: str, q=q, k=k, v=v):
+        if be == "triton" and window_tokens is None:
+            from .kernels import block_attn  # a plain import: torch.compile traces it, not importlib
+
+            return block_attn.block_causal_attention(q, k, v, chunk_tokens, scale=scale)
+        if q.is_cuda and be != "torch":
+            return _flex_block_causal(q, k, v, chunk_tokens, scale=scale, **window)
+        return ref.block_causal_attention_torch(q, k, v, chunk_tokens, scale=scale, **window)
+
+    if want != "auto":
+        _check_runnable(want, q, "block_causal_attention")
+        return run(want if explicit else _gate("block_causal_attention", variant, want, q))
+    if q.device.type not in MEASURE_ON:
+        return run("torch")
+    names = lambda: [n for n in attention_candidates(q.device, "block_causal_attention")
+                     if not (n == "triton" and window_tokens is not None)] + (["flex"] if q.is_cuda else [])
+    be = _auto_attention("block_causal_attention", variant, q, q.shape[1], window_tokens, names,
+                         lambda n: _timed_call(lambda a, b, c: run(n, a, b, c), grad, q, k, v))
+    return run(be)
 
 
 def _flex_block_causal(q, k, v, chunk_tokens, *, scale, window_tokens, sink_tokens):
@@ -247,7 +483,7 @@ def qk_norm_rope(
             f"cos and sin must be [L={q.shape[1]}, head_dim/2={half}], "
             f"got {tuple(cos.shape)}, {tuple(sin.shape)}"
         )
-    be = resolve_backend(q, backend, op="qk_norm_rope")
+    be = resolve_backend(q, backend, op="qk_norm_rope", variant=f"fwd/d{dim // num_heads}")
     if be == "triton":
         needs_grad = any(t.requires_grad for t in (q, k, weight_q, weight_k))
         if torch.is_grad_enabled() and needs_grad:
@@ -298,7 +534,7 @@ def consistency_step(
     last = noise_words is None
     if not (0 <= step < T - (0 if last else 1)):
         raise ValueError(f"step must be in [0, {T - (0 if last else 1)}) for a table of {T} sigmas, got {step}")
-    be = resolve_backend(x, backend, op="consistency_step")
+    be = resolve_backend(x, backend, op="consistency_step", variant="final" if last else "noise")
     if be == "triton":
         return _kernel("sampler_step").consistency_step(x, flow, sigmas, step, noise_words)
     sig = sigmas.to(device=x.device, dtype=torch.float32)
@@ -324,7 +560,8 @@ def neighbour_logprobs(
             f"x0_theta [A, ...] and x0_old [G, ...] must share per-sample shapes, got {tuple(x0_theta.shape)} "
             f"and {tuple(x0_old.shape)}"
         )
-    be = resolve_backend(x0_theta, backend, op="neighbour_logprobs")
+    grad = _grad_wanted(x0_theta)
+    be = resolve_backend(x0_theta, backend, op="neighbour_logprobs", variant="fwd+bwd" if grad else "fwd")
     if be == "triton":
         return _kernel("neighbour").neighbour_logprobs(x0_theta, x0_old.detach(), tau)
     return ref.neighbour_logprobs_torch(x0_theta, x0_old.detach(), tau)

@@ -15,11 +15,12 @@ too, because the name `conftest` is ambiguous when tests/ and benchmarks/ are co
 from __future__ import annotations
 
 import fnmatch
-import statistics
 import sys
 
 import pytest
 import torch
+
+from arcopo_fast.timing import median_ms
 
 sys.modules["bench_helpers"] = sys.modules[__name__]
 
@@ -54,25 +55,9 @@ def gbps(nbytes: float, ms: float) -> float:
 
 def cuda_time_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     """Median milliseconds of fn() on the current GPU, after warm-up (compile and autotune happen there).
-    Uses triton.testing.do_bench (as docs/performance.md's baselines); plain CUDA events without triton."""
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        do_bench = None
-    if do_bench is not None:
-        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    The project's one timer (arcopo_fast.timing.median_ms: triton's do_bench as docs/performance.md's
+    baselines, CUDA events without triton), shared with the backend choice and the doctor."""
+    return median_ms(fn, torch.device("cuda", torch.cuda.current_device()), warmup_ms=warmup_ms, rep_ms=rep_ms)
 
 
 def record(benchmark, fn, *, cuda: bool, flops: float | None = None, nbytes: float | None = None,

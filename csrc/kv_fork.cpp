@@ -144,13 +144,19 @@ TORCH_LIBRARY_IMPL(arcopo_fast, CPU, m) { m.impl("kv_fork_", &kv_fork_cpu); }
 
 }  // namespace arcopo_fast
 
+#ifndef ARCOPO_CUDA_ARCHS
+#define ARCOPO_CUDA_ARCHS ""
+#endif
+
 // Importing arcopo_fast._C runs the static registrations above. The module itself is empty apart from
-// WITH_CUDA (1 when csrc/cuda/kv_fork.cu was compiled in); ops are reached through torch.ops.arcopo_fast.
+// WITH_CUDA (1 when csrc/cuda/kv_fork.cu was compiled in) and CUDA_ARCHS (the arch list it was compiled
+// for, "8.0,9.0+PTX" style; "" without CUDA); ops are reached through torch.ops.arcopo_fast.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "arcopo_fast C++/CUDA ops (torch.ops.arcopo_fast)",
                                    -1, nullptr};
   PyObject* m = PyModule_Create(&module_def);
-  if (m != nullptr && PyModule_AddIntConstant(m, "WITH_CUDA", ARCOPO_WITH_CUDA) < 0) {
+  if (m != nullptr && (PyModule_AddIntConstant(m, "WITH_CUDA", ARCOPO_WITH_CUDA) < 0 ||
+                       PyModule_AddStringConstant(m, "CUDA_ARCHS", ARCOPO_CUDA_ARCHS) < 0)) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -272,6 +272,9 @@ class KVCache:
             n,
             None if rows is None else self._rows32,
             **kw,
+            # the slots past `length` hold nothing yet (the chunk's own K/V go there at commit): an SDPA
+            # backend may write k, v there and read [past ; own] as one view (not in a ring: slots wrap)
+            cache_scratch=not self._s.ring,
         )
 
     def _slots(self, start: int, n: int) -> list[tuple[int, int, int]]:
