@@ -10,13 +10,15 @@ found. One record per (kernel, config):
 
 regs / spills come from ptxas -v ("Used N registers", "N bytes spill stores"), smem_bytes from the
 compiled kernel's metadata (Triton) or ptxas (nvcc), wgmma says whether the PTX issues Hopper warpgroup
-MMAs. Extras: "compile_s", "wgmma_waits" (wgmma.wait_group instructions in the PTX), "global_loads" (the
+MMAs. Extras: "compile_s", "wgmma_waits" (the pending-group counts of the PTX's wgmma.wait_group, in order: a
+count > 0 lets MMAs run on behind the wait), "global_loads" (the
 PTX's global loads by access width in bytes, e.g. {"16": 12, "4": 2}), "error" (the kernel did not
 compile; regs etc. are None).
 
 Scope: bf16 inputs at the production head dim (D = 128) and the neighbour kernel at the paper's group
 (A = 4, G = 12) -- the fp32 "ieee" dot path is unusable on a GPU and takes minutes per config to compile
-(fp32 attention on CUDA uses 3xTF32 tensor-core dots instead; the "chunk_fwd_fp32" record shows it).
+(fp32 attention compiled for CUDA uses TF32 tensor-core dots instead; the "chunk_fwd_fp32" records show
+them).
 Configs compile in parallel worker processes (one per core), each with a fresh private triton cache so
 that ptxas runs and reports. `python -m arcopo_fast.doctor --compile-report --json PATH` writes the list.
 
@@ -57,12 +59,12 @@ def _attn_ptrs(dtype: str) -> dict[str, str]:
     return ptrs
 
 
-def _spec(kernel, module, fn, constexprs, warps, stages, kept, *, ptrs, config=None, div16=()):
+def _spec(kernel, module, fn, constexprs, warps, stages, kept, *, ptrs, config=None, div16=(), maxnreg=None):
     if config is None:
         blocks = " ".join(f"{k}={constexprs[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK") if k in constexprs)
-        config = f"{blocks} w{warps} s{stages}".strip()
+        config = f"{blocks} w{warps} s{stages}".strip() + (f" maxnreg={maxnreg}" if maxnreg else "")
     return dict(kernel=kernel, module=module, fn=fn, constexprs=constexprs, num_warps=warps, num_stages=stages,
-                kept=bool(kept), ptrs=ptrs, config=config, div16=tuple(div16))
+                kept=bool(kept), ptrs=ptrs, config=config, div16=tuple(div16), maxnreg=maxnreg)
 
 
 class _FakeTensor:
@@ -89,7 +91,7 @@ def _fwd_specs(kernel, fn, extra, dtype="bf16", kept_only=False):
             continue
         cx = dict(extra, HEAD_DIM=HEAD_DIM, DOT_PREC=prec, **c.kwargs)
         specs.append(_spec(kernel, "arcopo_fast.kernels.block_attn", fn, cx, c.num_warps, c.num_stages,
-                           id(c) in kept, ptrs=_attn_ptrs(dtype)))
+                           id(c) in kept, ptrs=_attn_ptrs(dtype), maxnreg=getattr(c, "maxnreg", None)))
     return specs
 
 
@@ -124,7 +126,7 @@ def _all_specs() -> dict[str, list[dict]]:
         bm, w = ba.COMBINE_CONFIG
         specs["chunk_fwd_combine"] = [_spec(
             "chunk_fwd_combine", mod, "_split_combine_kernel",
-            dict(HEAD_DIM=HEAD_DIM, BLOCK_M=bm, S_PAD=ba.SPLIT_KV["max_splits"]), w, 1, True, ptrs=ptrs)]
+            dict(HEAD_DIM=HEAD_DIM, BLOCK_M=bm, DOT_PREC="tf32"), w, 1, True, ptrs=ptrs)]
     nbmod = "arcopo_fast.kernels.neighbour"
     for name, fn, cx, w in nb.compile_specs(NB_A, NB_G):
         blocks = " ".join(f"{k}={v}" for k, v in cx.items() if k != "TAU_TENSOR")
@@ -185,7 +187,7 @@ def _compile_triton(spec: dict, arch: int) -> dict:
         with contextlib.redirect_stdout(log):
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs),
                                target=GPUTarget("cuda", arch, 32),
-                               options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+                               options=_options(spec))
     except Exception as e:  # noqa: BLE001 - a config that does not compile is a finding, not a crash
         rec.update(regs=None, spills=None, smem_bytes=None, wgmma=False, error=f"{type(e).__name__}: {e}"[:500])
         return rec
@@ -199,7 +201,7 @@ def _compile_triton(spec: dict, arch: int) -> dict:
         spills=int(spill.group(1)) + int(spill.group(2)) if spill else None,
         smem_bytes=int(k.metadata.shared),
         wgmma="wgmma.mma_async" in ptx,
-        wgmma_waits=ptx.count("wgmma.wait_group"),
+        wgmma_waits=[int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)],
         global_loads=_load_widths(ptx),
         compile_s=round(time.perf_counter() - t0, 2),
     )
@@ -226,6 +228,13 @@ def _load_widths(ptx: str) -> dict[str, int]:
             width = (int(vec.group(1)) if vec else 1) * (int(bits.group(1)) // 8 if bits else 0)
         out[str(width)] = out.get(str(width), 0) + 1
     return out
+
+
+def _options(spec: dict) -> dict:
+    opts = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
+    if spec.get("maxnreg"):
+        opts["maxnreg"] = spec["maxnreg"]
+    return opts
 
 
 def _run_spec(args) -> dict:

@@ -112,6 +112,16 @@ def _check_attention_inputs(q, k, v, k_cache, v_cache, k_prefix, v_prefix, prefi
             )
 
 
+def _attention_backend(q: torch.Tensor, backend: str | None, *, op: str) -> str:
+    """resolve_backend for the attention ops, except that "auto" sends fp32 on CUDA to torch: our kernels
+    would run fp32 dots as TF32 (less accurate than the fp32 the caller chose); an FMA loop is never used."""
+    be = resolve_backend(q, backend, op=op)
+    auto = (backend or os.environ.get("ARCOPO_BACKEND", "auto")) == "auto"
+    if auto and be == "triton" and q.is_cuda and q.dtype == torch.float32:
+        return "torch"
+    return be
+
+
 def chunk_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -140,9 +150,13 @@ def chunk_attention(
         keys of query row b (chunk = Lq tokens, every query sees every key: block-causal by construction)
         |<- k_prefix[prefix_rows[b], :prefix_len] ->|<- k_cache[cache_rows[b], :cache_len] ->|<- k[b] ->|
     Returns [B, Lq, H, D] in q's dtype.
+
+    fp32 on CUDA: "auto" runs the torch path (SDPA in fp32). The triton backend, when asked for, computes
+    fp32 dots as TF32 on the tensor cores (torch's allow_tf32 accuracy), never as an fp32 FMA loop. Same for
+    block_causal_attention.
     """
     _check_attention_inputs(q, k, v, k_cache, v_cache, k_prefix, v_prefix, prefix_rows)
-    be = resolve_backend(q, backend, op="chunk_attention")
+    be = _attention_backend(q, backend, op="chunk_attention")
     args = (k_cache, v_cache, cache_len, cache_rows, k_prefix, v_prefix, prefix_len, prefix_rows)
     if be == "triton":
         from .kernels import block_attn  # a plain import: torch.compile traces it, not importlib
@@ -183,7 +197,7 @@ def block_causal_attention(
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     window = {"window_tokens": window_tokens, "sink_tokens": sink_tokens}
-    be = resolve_backend(q, backend, op="block_causal_attention")
+    be = _attention_backend(q, backend, op="block_causal_attention")
     if be == "triton" and window_tokens is None:
         from .kernels import block_attn  # a plain import: torch.compile traces it, not importlib
 

@@ -283,7 +283,10 @@ def test_forward_autotune_prune_filter():
         if lq == 16:
             assert all(c.kwargs["BLOCK_M"] == 64 for c in kept)
     kept128 = ba._prune_fwd_configs(ba._FWD_CONFIGS, {"Q": q, "LQ_BUCKET": 8192}, HEAD_DIM=128)
-    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept128} >= {(128, 64), (128, 128), (64, 64)}
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept128} >= {(128, 64), (64, 64)}
+    # configs the sm_90 compile report shows spilling are pruned
+    assert not {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept128} & ba._SPILLING_D128[2]
+    assert all(c.maxnreg == 168 for c in kept128 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == (128, 64, 8))
 
 
 def test_gpu_launch_path_under_interpreter(monkeypatch):
@@ -369,10 +372,23 @@ def test_autotune_key_has_the_lk_bucket(monkeypatch):
 
 
 def test_fp32_dots_use_tensor_cores_on_gpu(monkeypatch):
-    """fp32 attention compiled for a GPU uses 3xTF32 tensor-core dots, never the "ieee" FMA loop."""
+    """fp32 attention compiled for a GPU uses TF32 tensor-core dots, never the "ieee" FMA loop."""
     monkeypatch.setattr(ba, "interpreting", lambda: False)
-    assert ba._dot_prec(torch.float32) == "tf32x3"
+    assert ba._dot_prec(torch.float32) == "tf32"
     assert ba._dot_prec(torch.bfloat16) == "tf32"  # ignored by half types
+
+
+def test_auto_sends_fp32_attention_on_cuda_to_torch(monkeypatch):
+    """ops: "auto" runs fp32 CUDA attention on the torch path (our kernels would use TF32); an explicit
+    backend="triton" still gets the kernels; half types stay on the kernels."""
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("ARCOPO_BACKEND", raising=False)
+    monkeypatch.setattr(ops, "resolve_backend", lambda t, backend=None, op="op": backend or "triton")
+    fp32, bf16 = (SimpleNamespace(is_cuda=True, dtype=dt) for dt in (torch.float32, torch.bfloat16))
+    assert ops._attention_backend(fp32, None, op="chunk_attention") == "torch"
+    assert ops._attention_backend(fp32, "triton", op="chunk_attention") == "triton"
+    assert ops._attention_backend(bf16, None, op="chunk_attention") == "triton"
 
 
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
