@@ -334,7 +334,8 @@ def build_report(*, arch: int = 90, kernels: list[str] | None = None, include_pr
     all_specs = _all_specs()
     specs = [s for n in names if n != "cuda_ext" for s in all_specs.get(n, [])
              if include_pruned or s["kept"]]
-    n_workers = max(1, min(len(specs), workers or len(os.sched_getaffinity(0))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n_workers = max(1, min(len(specs), workers or cores))
     records: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="arcopo_compile_report_") as cache:
         if specs:
