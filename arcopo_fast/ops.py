@@ -112,11 +112,19 @@ def resolve_backend(t: torch.Tensor, backend: str | None = None, *, op: str = "o
     return want if explicit else _gate(op, variant, want, t)
 
 
-def attention_candidates(device: torch.device, op: str = "chunk_attention") -> list[str]:
-    """The backends "auto" may measure for an attention op on `device` (before per-call support checks)."""
+def _triton_serves_auto(device: torch.device, dtype) -> bool:
+    """Whether "auto" may run our attention kernels for `dtype` on `device`: not fp32 on CUDA, where they
+    would compute TF32 dots (less accurate than the fp32 the caller chose; an fp32 FMA loop is never used).
+    An explicit backend="triton" still gets them."""
+    return not (torch.device(device).type == "cuda" and str(dtype) in ("torch.float32", "float32"))
+
+
+def attention_candidates(device: torch.device, op: str = "chunk_attention", dtype=None) -> list[str]:
+    """The backends "auto" may measure for an attention op on `device` for inputs of `dtype` (before
+    per-call support checks)."""
     device = torch.device(device)
     out = []
-    if triton_available() and (device.type == "cuda" or interpreting()):
+    if triton_available() and (device.type == "cuda" or interpreting()) and _triton_serves_auto(device, dtype):
         out.append("triton")
     out.append("torch")
     if op == "chunk_attention":
@@ -240,7 +248,8 @@ def _traced_attention_backend(op: str, variant: str, device: str, dtype: str) ->
         return "torch"
     from . import backend_choice
 
-    tri = triton_available() and selftest.passed(op, variant, "triton", device, dtype)
+    tri = (triton_available() and _triton_serves_auto(dev, dtype)
+           and selftest.passed(op, variant, "triton", device, dtype))
     prefix = f"{op}|{variant}|{dtype.removeprefix('torch.')}|"
     measured = [(backend_choice.bucket_size(k.split("|")[3]), c.backend)
                 for k, c in backend_choice.chooser().choices(dev).items() if k.startswith(prefix)]
@@ -327,6 +336,10 @@ def chunk_attention(
         keys of query row b (chunk = Lq tokens, every query sees every key: block-causal by construction)
         |<- k_prefix[prefix_rows[b], :prefix_len] ->|<- k_cache[cache_rows[b], :cache_len] ->|<- k[b] ->|
     Returns [B, Lq, H, D] in q's dtype.
+
+    fp32 on CUDA: "auto" runs the torch path (SDPA in fp32). The triton backend, when asked for, computes
+    fp32 dots as TF32 on the tensor cores (torch's allow_tf32 accuracy), never as an fp32 FMA loop. Same for
+    block_causal_attention.
     """
     _check_attention_inputs(q, k, v, k_cache, v_cache, k_prefix, v_prefix, prefix_rows)
     args = (k_cache, v_cache, cache_len, cache_rows, k_prefix, v_prefix, prefix_len, prefix_rows)
@@ -369,7 +382,7 @@ def chunk_attention(
     for kc, n in ((k_cache, cache_len), (k_prefix, prefix_len)):
         if kc is not None:
             lk += n if isinstance(n, int) else kc.shape[1]  # a tensor length: its capacity (no sync)
-    names = lambda: [n for n in attention_candidates(q.device, "chunk_attention")
+    names = lambda: [n for n in attention_candidates(q.device, "chunk_attention", q.dtype)
                      if n in ("torch", "triton") or ab.unsupported(n, call) is None]
     be = _auto_attention("chunk_attention", variant, q, lk, call, names,
                          lambda n: _timed_call(lambda a, b, c: run(n, a, b, c), grad, q, k, v))
@@ -423,7 +436,7 @@ def block_causal_attention(
         return run(want if explicit else _gate("block_causal_attention", variant, want, q))
     if q.device.type not in MEASURE_ON:
         return run("torch")
-    names = lambda: [n for n in attention_candidates(q.device, "block_causal_attention")
+    names = lambda: [n for n in attention_candidates(q.device, "block_causal_attention", q.dtype)
                      if not (n == "triton" and window_tokens is not None)] + (["flex"] if q.is_cuda else [])
     be = _auto_attention("block_causal_attention", variant, q, q.shape[1], window_tokens, names,
                          lambda n: _timed_call(lambda a, b, c: run(n, a, b, c), grad, q, k, v))

@@ -146,13 +146,24 @@ def test_chunk_forward(benchmark, batch, lk, impl):
         run = _dense(impl)
         fn = lambda: run(q, kk, vv)
     out = _try_warmup(impl, fn)
+    extra = {}
     if impl == "ours":
         kk = torch.cat([kc, k], 1) if past else k
         vv = torch.cat([vc, v], 1) if past else v
         _check_close(benchmark, out, _sdpa_default(q, kk, vv))
         del kk, vv
+        extra["kv_splits"] = _our_kv_splits(batch, lk)
     record(benchmark, fn, cuda=True, flops=attention_flops(batch, H, LQ, lk, D), impl=impl, B=batch, Lq=LQ,
-           Lk=lk, H=H, D=D, dtype=str(DT))
+           Lk=lk, H=H, D=D, dtype=str(DT), **extra)
+
+
+def _our_kv_splits(batch: int, lk: int) -> int:
+    """The split-KV factor our forward uses at this shape (1: no split; kernels/block_attn.py SPLIT_KV)."""
+    from arcopo_fast.kernels import block_attn as ba
+
+    bm, bn = ba.SPLIT_KV["block_m"], ba.SPLIT_KV["block_n"]
+    key_tiles = -(-(lk - LQ) // bn) + -(-LQ // bn)
+    return ba._num_splits(-(-LQ // bm), batch * H, key_tiles, ba._sm_count(torch.device("cuda")))
 
 
 # ---------------------------------------------------------------------------------------------------------

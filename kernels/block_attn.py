@@ -5,8 +5,9 @@ log-sum-exp saved for the backward). Written from the papers and the public desi
 fused-attention tutorial; none of its code is copied:
   - FlashAttention (Dao et al., 2022), FlashAttention-2 (Dao, 2023): tiling, online softmax, the
     dq / dk-dv split of the backward with the row statistic delta = rowsum(dO * O).
-  - Triton tutorial 06 (fused attention): a constexpr separates unmasked tiles from masked ones; exp2 with
-    log2(e) folded into the scale; autotuned forward, fixed-constant backward.
+  - Triton tutorial 06 (fused attention): exp2 with log2(e) folded into the scale; autotuned forward,
+    fixed-constant backward.
+  - Flash-decoding (Dao et al., 2023): split-KV with a log-sum-exp combine when the grid is short.
 
 Two ops (arcopo_fast.ops dispatches to them; kernels/reference.py has the torch references):
 
@@ -15,11 +16,17 @@ Two ops (arcopo_fast.ops dispatches to them; kernels/reference.py has the torch 
        |<- k_prefix[prefix_rows[b], :prefix_len_b] ->|<- k_cache[cache_rows[b], :cache_len_b] ->|<- k[b] ->|
            zero-copy fork: a parent's prefix               the row's own KV cache                  the chunk
 
-   One kernel walks the segments in turn. Rows are read through an int32 row table (no gather copy), and
-   lengths come as ints or device tensors (no host sync). Inside a segment the full tiles run without a
-   mask; only a segment's tail tile is masked. Gradients go to q, k, v only: the prefix and cache are
-   constants, so the backward does no dk/dv work on them (SDPA on the concatenation does that work and
-   throws it away). The dq kernel walks all segments; the dk/dv kernel covers only the chunk's own keys.
+   One loop walks the segments as one flattened sequence of key tiles: segment s owns tiles [t_s, t_s+1),
+   each segment starting on a fresh tile (so a tile never spans two memory rows), and the tile's segment
+   (base pointer, token stride, valid length) is picked with scalar selects, so the loop body has no branch
+   and one K and one V load for the software pipeliner. Keys past a segment's length (only its last tile
+   can have any) get a -inf column bias folded into the scaling FMA: no per-element select. Rows are read
+   through an int32 row table (no gather copy), and lengths come as ints or device tensors (no host sync).
+   The segments share q's element type (a cache in another dtype is converted first: a copy).
+   Gradients go to q, k, v only: the prefix and cache are constants, so the backward does no dk/dv work
+   on them (SDPA on the concatenation does that work and throws it away). The dq kernel walks the same
+   flattened tiles (dO V^T issued before the exp2, so it overlaps the softmax recomputation); the dk/dv
+   kernel covers only the chunk's own keys.
 
 2. block_causal_attention: teacher forcing over a whole sequence. A query of chunk c sees the keys of
    chunks <= c. The last chunk may be partial. Tiles above the block diagonal are never visited:
@@ -27,19 +34,25 @@ Two ops (arcopo_fast.ops dispatches to them; kernels/reference.py has the torch 
        keys ->     c0        c1        c2 (partial)
        c0       [#### ...][         ][      ]       #  = attend; tiles over blank areas are skipped
        c1       [#### ...][#### ... ][      ]       tiles that straddle a chunk edge are the only masked
-       c2       [#### ...][#### ... ][######]       ones (they take the MASKED=True code path)
+       c2       [#### ...][#### ... ][######]       ones (one loop; a scalar test picks the masked step)
 
    At inference the same structure comes from chunk_attention with the KV cache: chunk c's queries see
    [cache = chunks < c ; own chunk c]. So row c of the drawing is one chunk_attention call with
    cache_len = c * chunk_tokens.
 
-Scheduling. The forward grid is (q tiles, B * H). Program 0 runs fastest, so neighbouring programs are
-q tiles of the same (b, h) and share its K/V in L2. At the production shape (Lq 4680, H 12, D 128) B=1
-gives 37 q tiles x 12 heads = 444 programs at BLOCK_M=128 (888 at 64): 3.4 waves on 132 SMs. There is
-enough parallelism, so split-KV (flash-decoding) is not used: it pays only when programs < SMs, as in
-decoding with a few queries, and costs a second reduction pass. Lk changes the work per program, not the
-program count. The block-causal kernels launch the heaviest q tiles first (reverse order) to shorten the
-tail of the last wave.
+Scheduling. The forward grid is (q tiles, B * H, splits). Program 0 runs fastest, so neighbouring
+programs are q tiles of the same (b, h) and share its K/V in L2. At the production shape (Lq 4680, H 12,
+D 128) B = 1 gives 37 q tiles x 12 heads = 444 programs at BLOCK_M = 128: 3.4 waves on 132 SMs, the last
+one a third full. When the grid is below SPLIT_KV["waves"] waves, the chunk forward splits each q tile's
+key walk into contiguous shares (split-KV): each split writes a normalised fp32 partial output and its
+log-sum-exp, and _split_combine_kernel merges them (a second, small launch). The autotune key holds the
+buckets of Lq and of the longest key walk (Lk), the head count x batch, and the split count, so a config
+tuned at the first chunk (Lk = Lq) does not serve Lk = 32760. The block-causal kernels launch the
+heaviest q tiles first (reverse order) to shorten the tail of the last wave.
+
+fp32 on CUDA: the dots run as TF32 on the tensor cores (torch's allow_tf32 accuracy), never as the "ieee"
+FMA loop (kilobytes of spills per thread on sm_90); arcopo_fast.ops sends fp32 attention on CUDA to the
+torch path unless the triton backend is requested. The interpreter computes fp32 dots exactly.
 
 No host syncs: lengths and row tables are read in-kernel (int lengths are kernel scalars), and shapes
 decide the grid. The launches can be captured in a CUDA graph. Warm the autotuner up first: its first
@@ -53,6 +66,7 @@ model that calls them without a graph break, and keeps them opaque. The *_fwd en
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -82,12 +96,21 @@ def _gpu_tiles() -> bool:
 INTERPRET_BLOCKS = {"fwd": (16, 16), "dq": (16, 16), "dkdv": (16, 16)}
 
 # Backward tile sizes on the GPU (fixed constants, as in Triton's tutorial): (BLOCK_M, BLOCK_N, warps,
-# stages). dq: a long-lived q tile walks thin key tiles; dk/dv: a long-lived key tile walks thin q tiles.
-# Chosen by compiling for sm_90 with triton 3.6 and 3.9 on a machine without a GPU (cuobjdump -res-usage,
-# see test_kernels_compile_for_sm90_without_a_gpu): no register spills at D=64/128 (the tutorial's 4-warp
-# variants spill 0.6-1.1 KB at D=128). NOT TIMED on a GPU yet.
-BWD_DQ_CONFIG = {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (128, 64, 8, 3), 128: (128, 32, 8, 3)}
+# stages). dq: a long-lived q tile walks key tiles; dk/dv: a long-lived key tile walks q tiles. Chosen with
+# arcopo_fast.compile_report (sm_90, no GPU needed): no register spills. dq at D=128 uses 64-key tiles so
+# that its N=64 GEMMs (q k^T, dO v^T) keep wgmma fed from shared memory (N=32 needs more operand bandwidth
+# than shared memory gives). NOT TIMED on a GPU yet.
+BWD_DQ_CONFIG = {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 2)}
 BWD_DKDV_CONFIG = {16: (32, 64, 4, 3), 32: (32, 64, 4, 3), 64: (64, 128, 8, 3), 128: (32, 128, 8, 3)}
+
+# Split-KV of the chunk forward (flash-decoding's idea, applied when the grid is short): with fewer than
+# `waves` x SMs programs, each q tile's key walk is cut into up to `max_splits` contiguous shares of at
+# least `min_tiles` key tiles, computed by separate programs, and _split_combine_kernel merges the partial
+# outputs through their log-sum-exps. The program count is estimated with block_m (the kept configs at
+# D = 128 are 128-row tiles) and one CTA per SM. B = 1 at the production shape: 37 x 12 = 444 programs,
+# 3.4 waves on 132 SMs (the last one a third full) -> 3 splits, 1332 programs, 10.1 waves.
+SPLIT_KV = {"waves": 8, "max_splits": 16, "min_tiles": 4, "block_m": 128, "block_n": 64}
+COMBINE_CONFIG = (32, 4)  # (BLOCK_M, warps) of _split_combine_kernel
 
 
 def _empty(shape, *, dtype, device) -> torch.Tensor:
@@ -99,8 +122,19 @@ def _empty(shape, *, dtype, device) -> torch.Tensor:
 # Forward autotune configs (GPU only; the interpreter uses INTERPRET_BLOCKS)
 # ---------------------------------------------------------------------------------------------------------
 
+# (BLOCK_M, BLOCK_N, warps, stages) that spill at D = 128 in the sm_90 compile report (every forward kernel;
+# triton 3.9), by element size (2: bf16/fp16; 4: fp32, TF32 dots): pruned at D = 128.
+# tests/test_compile_report.py fails when a kept config spills, which is when to update this table.
+_SPILLING_D128 = {
+    2: {(128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 8, 3)},
+    4: {(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 2)},
+}
+# The 8-warp 128x64 configs get a register budget: left alone, ptxas spends 210-225 registers on them,
+# while 168 compile without a spill (arcopo_fast.compile_report), leaving the scheduler less room to
+# serialise the softmax behind the MMAs.
+FWD_MAXNREG = {(128, 64, 8): 168}
 _FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=FWD_MAXNREG.get((bm, bn, w)))
     for bm in (64, 128)
     for bn in (64, 128)
     for w in (4, 8)
@@ -110,14 +144,16 @@ _SMEM_BUDGET = 227 * 1024  # bytes: sm_90's per-block maximum
 
 
 def _keep_fwd_config(conf: triton.Config, head_dim: int, lq_bucket: int, elem_bytes: int) -> bool:
-    """Drop configs that cannot fit or that spill. Calibrated by compiling the 3-segment chunk kernel for
-    sm_90 (no GPU needed): at D=128 the 4-warp 128x64 and 128x128 configs spill with triton 3.6 and 3.9,
-    64x128 with 3.9. Every kept config compiles without spills with 3.6 (16 bytes at most with 3.9)."""
+    """Drop configs that cannot fit or that spill. Calibrated with arcopo_fast.compile_report (sm_90, bf16,
+    D = 128, the flattened key walk): see docs/performance.md for the table; every kept config compiles
+    without spills (tests/test_compile_report.py checks it)."""
     bm, bn, w, s = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], conf.num_warps, conf.num_stages
     # q tile + num_stages buffers of the K and V tiles (what triton allocates, checked as above)
     smem = (bm * head_dim + s * 2 * bn * head_dim) * elem_bytes
     regs = (bm * head_dim + bm * bn) // (32 * w)  # fp32 accumulator + score tile, per thread
     if smem > _SMEM_BUDGET or regs > 128 or (w == 4 and regs >= 128):
+        return False
+    if head_dim == 128 and (bm, bn, w, s) in _SPILLING_D128.get(elem_bytes, ()):
         return False
     return bm <= max(64, lq_bucket)
 
@@ -134,13 +170,13 @@ def _autotuned(kernel, extra_keys=()):
     # Keys are shape parameters only (the autotuner adds every tensor argument's dtype).
     return triton.autotune(
         configs=_FWD_CONFIGS,
-        key=["HEAD_DIM", "LQ_BUCKET", "BH", *extra_keys],
+        key=["HEAD_DIM", "LQ_BUCKET", "LK_BUCKET", "BH", *extra_keys],
         prune_configs_by={"early_config_prune": _prune_fwd_configs},
     )(kernel)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Shared tile loops
+# Shared pieces
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -180,145 +216,6 @@ def _cast(x, dtype, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(
-    acc, l_i, m_i, q,
-    K, V, stride_kn, stride_vn,  # K, V: base of one (row, head) of a [*, Lk, *, D] tensor
-    lo, hi,  # key tiles [lo, hi), lo a multiple of BLOCK_N
-    key_limit,  # MASKED: keys >= key_limit are not loaded
-    row_limit,  # MASKED and ROW_LIMIT: [BLOCK_M] per-query exclusive key bound (block-causal)
-    offs_n, offs_d, qk_scale,
-    MASKED: tl.constexpr, ROW_LIMIT: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """Online-softmax update of (acc, l_i, m_i) over key tiles [lo, hi). Scores are in log2 units."""
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n
-        k_ptrs = K + cols[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = V + cols[:, None] * stride_vn + offs_d[None, :]
-        if MASKED:
-            kmask = (cols < key_limit)[:, None]
-            k = _cast(tl.load(k_ptrs, mask=kmask, other=0.0), q.dtype, DOT_PREC)
-        else:
-            k = _cast(tl.load(k_ptrs), q.dtype, DOT_PREC)
-        qk = _mma(q, tl.trans(k), None, DOT_PREC)
-        if MASKED:
-            if ROW_LIMIT:
-                valid = cols[None, :] < row_limit[:, None]
-            else:
-                valid = cols[None, :] < key_limit
-            qk = tl.where(valid, qk * qk_scale, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_ij[:, None])
-        else:
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0 (checked by the launcher)
-            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = _cast(tl.load(v_ptrs, mask=kmask, other=0.0), q.dtype, DOT_PREC)
-        else:
-            v = _cast(tl.load(v_ptrs), q.dtype, DOT_PREC)
-        acc = acc * alpha[:, None]
-        acc = _mma(_cast(p, q.dtype, DOT_PREC), v, acc, DOT_PREC)
-        m_i = m_ij
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _fwd_segment(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, n, offs_n, offs_d, qk_scale,
-                 BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    """All n keys of one unmasked segment: the full tiles without a mask, then the tail tile masked."""
-    n_full = (n // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, 0, n_full, n, offs_n,
-                               offs_n, offs_d, qk_scale, False, False, BLOCK_N, DOT_PREC)
-    return _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, n_full, n, n, offs_n,
-                      offs_n, offs_d, qk_scale, True, False, BLOCK_N, DOT_PREC)
-
-
-@triton.jit
-def _dq_tiles(
-    dq, q, do, lse2, delta,
-    K, V, stride_kn, stride_vn,
-    lo, hi, key_limit, row_limit, offs_n, offs_d, qk_scale,
-    MASKED: tl.constexpr, ROW_LIMIT: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """dq += dS K over key tiles [lo, hi), dS = P * (dO V^T - delta) (scale applied by the caller)."""
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n
-        k_ptrs = K + cols[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = V + cols[:, None] * stride_vn + offs_d[None, :]
-        if MASKED:
-            kmask = (cols < key_limit)[:, None]
-            k = _cast(tl.load(k_ptrs, mask=kmask, other=0.0), q.dtype, DOT_PREC)
-            v = _cast(tl.load(v_ptrs, mask=kmask, other=0.0), q.dtype, DOT_PREC)
-        else:
-            k = _cast(tl.load(k_ptrs), q.dtype, DOT_PREC)
-            v = _cast(tl.load(v_ptrs), q.dtype, DOT_PREC)
-        qk = _mma(q, tl.trans(k), None, DOT_PREC)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        if MASKED:
-            if ROW_LIMIT:
-                valid = cols[None, :] < row_limit[:, None]
-            else:
-                valid = cols[None, :] < key_limit
-            p = tl.where(valid, p, 0.0)
-        dp = _mma(do, tl.trans(v), None, DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq = _mma(_cast(ds, q.dtype, DOT_PREC), k, dq, DOT_PREC)
-    return dq
-
-
-@triton.jit
-def _dq_segment(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, n, offs_n, offs_d, qk_scale,
-                BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    """dq over all n keys of one unmasked segment (full tiles, then the masked tail), as _fwd_segment."""
-    n_full = (n // BLOCK_N) * BLOCK_N
-    dq = _dq_tiles(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, 0, n_full, n, offs_n, offs_n, offs_d,
-                   qk_scale, False, False, BLOCK_N, DOT_PREC)
-    return _dq_tiles(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, n_full, n, n, offs_n, offs_n, offs_d,
-                     qk_scale, True, False, BLOCK_N, DOT_PREC)
-
-
-@triton.jit
-def _dkdv_tiles(
-    dk, dv, k, v, cols,
-    Q, DO, LSE, DELTA, stride_qm, stride_dom,  # Q, DO: base of one (row, head); LSE, DELTA: of one (b, h)
-    lo, hi, q_limit, chunk_tokens, offs_m, offs_d, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """dv += P^T dO and dk += dS^T Q over query tiles [lo, hi) (dk's scale applied by the caller).
-    Masked-out query rows load q = dO = lse = delta = 0, which makes their contributions exactly 0."""
-    for start_m in range(lo, hi, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        rows = start_m + offs_m
-        q_ptrs = Q + rows[:, None] * stride_qm + offs_d[None, :]
-        do_ptrs = DO + rows[:, None] * stride_dom + offs_d[None, :]
-        if MASKED:
-            rmask = rows < q_limit
-            q = tl.load(q_ptrs, mask=rmask[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=rmask[:, None], other=0.0)
-            lse2 = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + rows, mask=rmask, other=0.0)
-        else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            lse2 = tl.load(LSE + rows) * 1.4426950408889634
-            delta = tl.load(DELTA + rows)
-        qkT = _mma(k, tl.trans(q), None, DOT_PREC)  # [BLOCK_N, BLOCK_M]
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-        if MASKED:
-            if CAUSAL:
-                kend = tl.minimum((rows // chunk_tokens + 1) * chunk_tokens, q_limit)
-                pT = tl.where(cols[:, None] < kend[None, :], pT, 0.0)
-        dv = _mma(_cast(pT, q.dtype, DOT_PREC), do, dv, DOT_PREC)
-        dpT = _mma(v, tl.trans(do), None, DOT_PREC)
-        dsT = pT * (dpT - delta[None, :])
-        dk = _mma(_cast(dsT, q.dtype, DOT_PREC), q, dk, DOT_PREC)
-    return dk, dv
-
-
-@triton.jit
 def _segment(
     KX, VX, ROWS, LENS, len_scalar, len_stride, len_max, b, h,
     stride_kb, stride_kh, stride_vb, stride_vh,
@@ -337,14 +234,80 @@ def _segment(
     return KX + r * stride_kb + h * stride_kh, VX + r * stride_vb + h * stride_vh, n
 
 
+@triton.jit
+def _chunk_keys(
+    K, V, KC, VC, CLEN, CROWS, KP, VP, PLEN, PROWS, b, h,
+    stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn, stride_vch,
+    stride_kpb, stride_kpn, stride_kph, stride_vpb, stride_vpn, stride_vph,
+    cache_len, clen_stride, cache_max, prefix_len, plen_stride, prefix_max, Lq,
+    HAS_CACHE: tl.constexpr, CLEN_PTR: tl.constexpr, CACHE_ROWS: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, PLEN_PTR: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The flattened key walk of batch row b, head h: segment 0 = prefix, 1 = cache, 2 = the chunk's own
+    keys. Segment s is (K base, V base, length, K token stride, V token stride) and owns the tiles
+    [t_s, t_{s+1}) of the walk (t_0 = 0, t_3 = total); each segment starts on a fresh tile, so a tile never
+    spans two memory rows, and only a segment's last tile can be partial. An absent segment has no tiles."""
+    k2 = _head_base(K, b, h, stride_kb, stride_kh)
+    v2 = _head_base(V, b, h, stride_vb, stride_vh)
+    if HAS_CACHE:
+        k1, v1, n1 = _segment(KC, VC, CROWS, CLEN, cache_len, clen_stride, cache_max, b, h,
+                              stride_kcb, stride_kch, stride_vcb, stride_vch, CACHE_ROWS, CLEN_PTR)
+        skn1, svn1 = stride_kcn, stride_vcn
+    else:
+        k1, v1, n1, skn1, svn1 = k2, v2, Lq * 0, stride_kn, stride_vn
+    if HAS_PREFIX:
+        k0, v0, n0 = _segment(KP, VP, PROWS, PLEN, prefix_len, plen_stride, prefix_max, b, h,
+                              stride_kpb, stride_kph, stride_vpb, stride_vph, True, PLEN_PTR)
+        skn0, svn0 = stride_kpn, stride_vpn
+    else:
+        k0, v0, n0, skn0, svn0 = k1, v1, Lq * 0, skn1, svn1
+    t1 = tl.cdiv(n0, BLOCK_N)
+    t2 = t1 + tl.cdiv(n1, BLOCK_N)
+    total = t2 + tl.cdiv(Lq, BLOCK_N)
+    return (k0, v0, n0, skn0, svn0, k1, v1, n1, skn1, svn1, k2, v2, Lq, stride_kn, stride_vn, t1, t2, total)
+
+
+@triton.jit
+def _key_tile(
+    t, k0, v0, n0, skn0, svn0, k1, v1, n1, skn1, svn1, k2, v2, n2, skn2, svn2, t1, t2,
+    offs_n, offs_d, BLOCK_N: tl.constexpr,
+):
+    """Tile t of the flattened key walk (see _chunk_keys): its K and V pointers [BLOCK_N, D] and the mask of
+    its valid keys [BLOCK_N]. The segment is chosen with scalar selects, so the loop body has no branch
+    and the software pipeliner sees one load of K and one of V per iteration."""
+    in1 = t >= t1
+    in2 = t >= t2
+    kb = tl.where(in2, k2, tl.where(in1, k1, k0))
+    vb = tl.where(in2, v2, tl.where(in1, v1, v0))
+    skn = tl.where(in2, skn2, tl.where(in1, skn1, skn0))
+    svn = tl.where(in2, svn2, tl.where(in1, svn1, svn0))
+    n = tl.where(in2, n2, tl.where(in1, n1, n0))
+    cols = (t - tl.where(in2, t2, tl.where(in1, t1, 0))) * BLOCK_N + offs_n
+    return kb + cols[:, None] * skn + offs_d[None, :], vb + cols[:, None] * svn + offs_d[None, :], cols < n
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, s, v, DOT_PREC: tl.constexpr):
+    """One online-softmax update with the scaled scores s [BLOCK_M, BLOCK_N] (log2 units, -inf = masked)."""
+    m_ij = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = _mma(_cast(p, v.dtype, DOT_PREC), v, acc, DOT_PREC)
+    return acc, l_i, m_ij
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Chunk attention: forward, dq, dk/dv
+# Chunk attention: forward (+ split-KV combine), dq, dk/dv
 # ---------------------------------------------------------------------------------------------------------
 
 
 @triton.jit(do_not_specialize=["cache_len", "prefix_len"])
 def _chunk_attn_fwd_kernel(
     Q, K, V, Out, Lse,  # Q, K, V, Out: [B, Lq, H, D]; Lse: [B, H, Lq] fp32 (natural log)
+    OPart, LsePart,  # SPLIT: fp32 [S, B * H, Lq, D] normalised partial outputs, [S, B * H, Lq] log2-sum-exp
     KC, VC, CLEN, CROWS,  # cache [Rc, Lc, H, D] x2; CLEN int [B] or [1] (if CLEN_PTR); CROWS int [B]
     KP, VP, PLEN, PROWS,  # prefix [Rp, Lp, H, D] x2; PLEN, PROWS as above
     stride_qb, stride_qn, stride_qh,
@@ -358,12 +321,12 @@ def _chunk_attn_fwd_kernel(
     cache_len, clen_stride, cache_max,
     prefix_len, plen_stride, prefix_max,
     H, Lq, qk_scale,
-    LQ_BUCKET, BH,  # autotune keys only
+    LQ_BUCKET, LK_BUCKET, BH, NSPLIT,  # autotune keys only (the split count is tl.num_programs(2))
     HAS_CACHE: tl.constexpr, CLEN_PTR: tl.constexpr, CACHE_ROWS: tl.constexpr,
-    HAS_PREFIX: tl.constexpr, PLEN_PTR: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, PLEN_PTR: tl.constexpr, SPLIT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # grid: (cdiv(Lq, BLOCK_M), B * H)
+    # grid: (cdiv(Lq, BLOCK_M), B * H, S); split s of S walks the s-th contiguous share of the key tiles
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -374,31 +337,79 @@ def _chunk_attn_fwd_kernel(
     row_ok = offs_m < Lq
     q = tl.load(_tile_ptrs(Q, b, h, stride_qb, stride_qh, offs_m, stride_qn, offs_d), mask=row_ok[:, None], other=0.0)
 
+    k0, v0, n0, skn0, svn0, k1, v1, n1, skn1, svn1, k2, v2, n2, skn2, svn2, t1, t2, total = _chunk_keys(
+        K, V, KC, VC, CLEN, CROWS, KP, VP, PLEN, PROWS, b, h,
+        stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+        stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn, stride_vch,
+        stride_kpb, stride_kpn, stride_kph, stride_vpb, stride_vpn, stride_vph,
+        cache_len, clen_stride, cache_max, prefix_len, plen_stride, prefix_max, Lq,
+        HAS_CACHE, CLEN_PTR, CACHE_ROWS, HAS_PREFIX, PLEN_PTR, BLOCK_N)
+    if SPLIT:
+        split = tl.program_id(2)
+        n_split = tl.num_programs(2)
+        lo = (total * split) // n_split
+        hi = (total * (split + 1)) // n_split
+    else:
+        lo = 0
+        hi = total
+
     m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for t in range(lo, hi):
+        k_ptrs, v_ptrs, ok = _key_tile(t, k0, v0, n0, skn0, svn0, k1, v1, n1, skn1, svn1, k2, v2, n2, skn2, svn2,
+                                       t1, t2, offs_n, offs_d, BLOCK_N)
+        k = tl.load(k_ptrs, mask=ok[:, None], other=0.0)
+        qk = _mma(q, tl.trans(k), None, DOT_PREC)
+        # Keys past a segment's length: a -inf column bias, folded into the scaling FMA (no per-element select)
+        s = qk * qk_scale + tl.where(ok, 0.0, float("-inf"))[None, :]
+        v = tl.load(v_ptrs, mask=ok[:, None], other=0.0)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
 
-    if HAS_PREFIX:
-        kp, vp, n = _segment(KP, VP, PROWS, PLEN, prefix_len, plen_stride, prefix_max, b, h,
-                             stride_kpb, stride_kph, stride_vpb, stride_vph, True, PLEN_PTR)
-        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, kp, vp, stride_kpn, stride_vpn, n, offs_n, offs_d,
-                                     qk_scale, BLOCK_N, DOT_PREC)
-    if HAS_CACHE:
-        kc, vc, n = _segment(KC, VC, CROWS, CLEN, cache_len, clen_stride, cache_max, b, h,
-                             stride_kcb, stride_kch, stride_vcb, stride_vch, CACHE_ROWS, CLEN_PTR)
-        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, kc, vc, stride_kcn, stride_vcn, n, offs_n, offs_d,
-                                     qk_scale, BLOCK_N, DOT_PREC)
-    # the chunk's own keys: every query sees all Lq of them
-    k_base = _head_base(K, b, h, stride_kb, stride_kh)
-    v_base = _head_base(V, b, h, stride_vb, stride_vh)
-    acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, Lq, offs_n, offs_d,
-                                 qk_scale, BLOCK_N, DOT_PREC)
+    if SPLIT:
+        # A split without tiles (l = 0) stores 0 and log2-sum-exp -inf: the combine gives it no weight.
+        part = (tl.program_id(2) * BH + bh).to(tl.int64) * Lq + offs_m
+        tl.store(OPart + part[:, None] * HEAD_DIM + offs_d[None, :], acc / tl.maximum(l_i, 1e-30)[:, None],
+                 mask=row_ok[:, None])
+        tl.store(LsePart + part, tl.where(l_i > 0, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), float("-inf")),
+                 mask=row_ok)
+    else:
+        acc = acc / l_i[:, None]
+        tl.store(_tile_ptrs(Out, b, h, stride_ob, stride_oh, offs_m, stride_on, offs_d),
+                 _cast(acc, Out.dtype.element_ty, DOT_PREC), mask=row_ok[:, None])
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
+        tl.store(Lse + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
 
-    acc = acc / l_i[:, None]
+
+@triton.jit
+def _split_combine_kernel(
+    OPart, LsePart, Out, Lse,  # OPart fp32 [S, B * H, Lq, D], LsePart [S, B * H, Lq] (log2); Out [B, Lq, H, D]
+    stride_ob, stride_on, stride_oh,
+    H, Lq, BH, S,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # grid: (cdiv(Lq, BLOCK_M), B * H); out = sum_s 2^(lse_s - lse) O_s, lse = log2 sum_s 2^lse_s
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Lq
+    mx = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(0, S):
+        part = (s * BH + bh).to(tl.int64) * Lq + offs_m
+        mx = tl.maximum(mx, tl.load(LsePart + part, mask=row_ok, other=0.0))
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for s in range(0, S):
+        part = (s * BH + bh).to(tl.int64) * Lq + offs_m
+        w = tl.math.exp2(tl.load(LsePart + part, mask=row_ok, other=0.0) - mx)
+        o = tl.load(OPart + part[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        den += w
+        acc += o * w[:, None]
     tl.store(_tile_ptrs(Out, b, h, stride_ob, stride_oh, offs_m, stride_on, offs_d),
-             _cast(acc, Out.dtype.element_ty, DOT_PREC), mask=row_ok[:, None])
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
-    tl.store(Lse + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
+             _cast(acc / den[:, None], Out.dtype.element_ty, DOT_PREC), mask=row_ok[:, None])
+    tl.store(Lse + bh.to(tl.int64) * Lq + offs_m, (mx + tl.math.log2(den)) * 0.6931471805599453, mask=row_ok)
 
 
 @triton.jit
@@ -422,6 +433,18 @@ def _bwd_delta_kernel(
     tl.store(Delta + bh.to(tl.int64) * L + offs_m, delta, mask=ok)
 
 
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k, v, bias, qk_scale, DOT_PREC: tl.constexpr):
+    """dq += dS K for one key tile, dS = P * (dO V^T - delta), P = exp2(q k^T * scale + bias - lse2)
+    (bias: 0 or -inf per key, or per element). dO V^T is issued before the exp2: it does not depend on P,
+    so the second MMA runs while the softmax recomputation does."""
+    qk = _mma(q, tl.trans(k), None, DOT_PREC)
+    dp = _mma(do, tl.trans(v), None, DOT_PREC)
+    p = tl.math.exp2(qk * qk_scale - lse2[:, None] + bias)
+    ds = p * (dp - delta[:, None])
+    return _mma(_cast(ds, k.dtype, DOT_PREC), k, dq, DOT_PREC)
+
+
 @triton.jit(do_not_specialize=["cache_len", "prefix_len"])
 def _chunk_attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, Lse, Delta,  # Q, K, V, DQ: [B, Lq, H, D]; DO strided like Out; Lse, Delta [B, H, Lq]
@@ -442,7 +465,7 @@ def _chunk_attn_bwd_dq_kernel(
     HAS_PREFIX: tl.constexpr, PLEN_PTR: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # grid: (cdiv(Lq, BLOCK_M), B * H); walks the same segments as the forward
+    # grid: (cdiv(Lq, BLOCK_M), B * H); the same flattened key walk as the forward
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -459,20 +482,19 @@ def _chunk_attn_bwd_dq_kernel(
     delta = tl.load(Delta + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    if HAS_PREFIX:
-        kp, vp, n = _segment(KP, VP, PROWS, PLEN, prefix_len, plen_stride, prefix_max, b, h,
-                             stride_kpb, stride_kph, stride_vpb, stride_vph, True, PLEN_PTR)
-        dq = _dq_segment(dq, q, do, lse2, delta, kp, vp, stride_kpn, stride_vpn, n, offs_n, offs_d,
-                         qk_scale, BLOCK_N, DOT_PREC)
-    if HAS_CACHE:
-        kc, vc, n = _segment(KC, VC, CROWS, CLEN, cache_len, clen_stride, cache_max, b, h,
-                             stride_kcb, stride_kch, stride_vcb, stride_vch, CACHE_ROWS, CLEN_PTR)
-        dq = _dq_segment(dq, q, do, lse2, delta, kc, vc, stride_kcn, stride_vcn, n, offs_n, offs_d,
-                         qk_scale, BLOCK_N, DOT_PREC)
-    k_base = _head_base(K, b, h, stride_kb, stride_kh)
-    v_base = _head_base(V, b, h, stride_vb, stride_vh)
-    dq = _dq_segment(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, Lq, offs_n, offs_d,
-                     qk_scale, BLOCK_N, DOT_PREC)
+    k0, v0, n0, skn0, svn0, k1, v1, n1, skn1, svn1, k2, v2, n2, skn2, svn2, t1, t2, total = _chunk_keys(
+        K, V, KC, VC, CLEN, CROWS, KP, VP, PLEN, PROWS, b, h,
+        stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+        stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn, stride_vch,
+        stride_kpb, stride_kpn, stride_kph, stride_vpb, stride_vpn, stride_vph,
+        cache_len, clen_stride, cache_max, prefix_len, plen_stride, prefix_max, Lq,
+        HAS_CACHE, CLEN_PTR, CACHE_ROWS, HAS_PREFIX, PLEN_PTR, BLOCK_N)
+    for t in range(0, total):
+        k_ptrs, v_ptrs, ok = _key_tile(t, k0, v0, n0, skn0, svn0, k1, v1, n1, skn1, svn1, k2, v2, n2, skn2, svn2,
+                                       t1, t2, offs_n, offs_d, BLOCK_N)
+        k = tl.load(k_ptrs, mask=ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=ok[:, None], other=0.0)
+        dq = _dq_step(dq, q, do, lse2, delta, k, v, tl.where(ok, 0.0, float("-inf"))[None, :], qk_scale, DOT_PREC)
     dq = dq * sm_scale
     tl.store(_tile_ptrs(DQ, b, h, stride_dqb, stride_dqh, offs_m, stride_dqn, offs_d),
              _cast(dq, DQ.dtype.element_ty, DOT_PREC), mask=row_ok[:, None])
@@ -511,26 +533,35 @@ def _dkdv_kernel(
     do_base = _head_base(DO, b, h, stride_dob, stride_doh)
     lse_base = Lse + bh.to(tl.int64) * L
     delta_base = Delta + bh.to(tl.int64) * L
-    l_floor = (L // BLOCK_M) * BLOCK_M
     if CAUSAL:
-        # Queries of chunks before this tile's first key's chunk see none of it; queries from the chunk of
-        # its last key on see all of it; in between (and on the sequence's tail tile) a mask is needed.
+        # Queries of chunks before this tile's first key's chunk see none of it (never visited); queries
+        # from the chunk of its last key on see all of it; tiles in between need the per-element mask.
         j_last = tl.minimum(start_n + BLOCK_N, L) - 1
         q_lo = ((start_n // chunk_tokens) * chunk_tokens // BLOCK_M) * BLOCK_M
-        q_mid = tl.minimum(tl.cdiv((j_last // chunk_tokens) * chunk_tokens, BLOCK_M) * BLOCK_M,
-                           tl.cdiv(L, BLOCK_M) * BLOCK_M)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
-                             q_lo, q_mid, L, chunk_tokens, offs_m, offs_d, qk_scale,
-                             True, True, BLOCK_M, DOT_PREC)
+        q_mid = (j_last // chunk_tokens) * chunk_tokens
     else:
+        q_lo = 0
         q_mid = 0
-    q_full_end = tl.maximum(q_mid, l_floor)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
-                         q_mid, q_full_end, L, chunk_tokens, offs_m, offs_d, qk_scale,
-                         False, CAUSAL, BLOCK_M, DOT_PREC)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
-                         q_full_end, L, L, chunk_tokens, offs_m, offs_d, qk_scale,
-                         True, CAUSAL, BLOCK_M, DOT_PREC)
+    # One loop over the query tiles. Rows past L load q = dO = lse = delta = 0, which makes their
+    # contributions exactly 0 (no score mask needed for them).
+    for start_m in range(q_lo, L, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        rmask = rows < L
+        q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        lse2 = tl.load(lse_base + rows, mask=rmask, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
+        qkT = _mma(k, tl.trans(q), None, DOT_PREC)  # [BLOCK_N, BLOCK_M]
+        dpT = _mma(v, tl.trans(do), None, DOT_PREC)  # before the exp2: independent of P
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if CAUSAL:
+            if start_m < q_mid:
+                kend = tl.minimum((rows // chunk_tokens + 1) * chunk_tokens, L)
+                pT = tl.where(cols[:, None] < kend[None, :], pT, 0.0)
+        dv = _mma(_cast(pT, k.dtype, DOT_PREC), do, dv, DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _mma(_cast(dsT, k.dtype, DOT_PREC), q, dk, DOT_PREC)
     dk = dk * sm_scale
     tl.store(_tile_ptrs(DK, b, h, stride_dkb, stride_dkh, cols, stride_dkn, offs_d),
              _cast(dk, DK.dtype.element_ty, DOT_PREC), mask=col_ok[:, None])
@@ -544,28 +575,19 @@ def _dkdv_kernel(
 
 
 @triton.jit
-def _causal_key_ranges(offs_m, start_m, chunk_tokens, L, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Block-causal key ranges of a query tile (shared by the forward and dq kernels): row i sees keys
-    [0, kend_i); keys [0, n_full) are visible to every row of the tile in whole BLOCK_N tiles (no mask);
-    [n_full, hi_end) need the mask; keys >= hi_end are never visited."""
-    kend = tl.minimum((offs_m // chunk_tokens + 1) * chunk_tokens, L)
-    lo_end = tl.minimum((start_m // chunk_tokens + 1) * chunk_tokens, L)
-    i_last = tl.minimum(start_m + BLOCK_M, L) - 1
-    hi_end = tl.minimum((i_last // chunk_tokens + 1) * chunk_tokens, L)
-    n_full = (lo_end // BLOCK_N) * BLOCK_N
-    return kend, hi_end, n_full
-
-
-@triton.jit
-def _causal_q_tile(H, L, chunk_tokens, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _causal_q_tile(H, L, chunk_tokens, BLOCK_M: tl.constexpr):
     """This program's q tile of the block-causal grid (cdiv(L, BLOCK_M), B * H), heaviest (last) tiles first
-    to shorten the last wave: (bh, b, h, offs_m, row_ok, and the key ranges of _causal_key_ranges)."""
+    to shorten the last wave: (bh, b, h, offs_m, row_ok, kend, lo_end, hi_end). Row i sees keys [0, kend_i);
+    keys [0, lo_end) are visible to every row of the tile (no mask); keys >= hi_end are never visited."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    kend, hi_end, n_full = _causal_key_ranges(offs_m, start_m, chunk_tokens, L, BLOCK_M, BLOCK_N)
-    return bh, bh // H, bh % H, offs_m, offs_m < L, kend, hi_end, n_full
+    kend = tl.minimum((offs_m // chunk_tokens + 1) * chunk_tokens, L)
+    lo_end = tl.minimum((start_m // chunk_tokens + 1) * chunk_tokens, L)
+    i_last = tl.minimum(start_m + BLOCK_M, L) - 1
+    hi_end = tl.minimum((i_last // chunk_tokens + 1) * chunk_tokens, L)
+    return bh, bh // H, bh % H, offs_m, offs_m < L, kend, lo_end, hi_end
 
 
 @triton.jit
@@ -576,25 +598,30 @@ def _block_causal_fwd_kernel(
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_on, stride_oh,
     H, L, chunk_tokens, qk_scale,
-    LQ_BUCKET, BH,  # autotune keys only
+    LQ_BUCKET, LK_BUCKET, BH,  # autotune keys only
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # grid: (cdiv(L, BLOCK_M), B * H), heaviest (last) q tiles first
-    bh, b, h, offs_m, row_ok, kend, hi_end, n_full = _causal_q_tile(H, L, chunk_tokens, BLOCK_M, BLOCK_N)
+    bh, b, h, offs_m, row_ok, kend, lo_end, hi_end = _causal_q_tile(H, L, chunk_tokens, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(_tile_ptrs(Q, b, h, stride_qb, stride_qh, offs_m, stride_qn, offs_d),
                 mask=row_ok[:, None], other=0.0)
-
+    k_base = _head_base(K, b, h, stride_kb, stride_kh)
+    v_base = _head_base(V, b, h, stride_vb, stride_vh)
     m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    k_base = _head_base(K, b, h, stride_kb, stride_kh)
-    v_base = _head_base(V, b, h, stride_vb, stride_vh)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, 0, n_full, L, kend,
-                               offs_n, offs_d, qk_scale, False, True, BLOCK_N, DOT_PREC)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, n_full, hi_end, hi_end,
-                               kend, offs_n, offs_d, qk_scale, True, True, BLOCK_N, DOT_PREC)
+    for start_n in range(0, hi_end, BLOCK_N):  # one loop; only tiles past lo_end take the per-row mask
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        kmask = (cols < hi_end)[:, None]
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kmask, other=0.0)
+        s = _mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+        if start_n + BLOCK_N > lo_end:
+            s = tl.where(cols[None, :] < kend[:, None], s, float("-inf"))
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kmask, other=0.0)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
     acc = acc / l_i[:, None]
     tl.store(_tile_ptrs(Out, b, h, stride_ob, stride_oh, offs_m, stride_on, offs_d),
              _cast(acc, Out.dtype.element_ty, DOT_PREC), mask=row_ok[:, None])
@@ -614,7 +641,7 @@ def _block_causal_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # grid: (cdiv(L, BLOCK_M), B * H), heaviest q tiles first; same key ranges as the forward
-    bh, b, h, offs_m, row_ok, kend, hi_end, n_full = _causal_q_tile(H, L, chunk_tokens, BLOCK_M, BLOCK_N)
+    bh, b, h, offs_m, row_ok, kend, lo_end, hi_end = _causal_q_tile(H, L, chunk_tokens, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(_tile_ptrs(Q, b, h, stride_qb, stride_qh, offs_m, stride_qn, offs_d),
@@ -626,17 +653,22 @@ def _block_causal_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     k_base = _head_base(K, b, h, stride_kb, stride_kh)
     v_base = _head_base(V, b, h, stride_vb, stride_vh)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 0, n_full, L, kend,
-                   offs_n, offs_d, qk_scale, False, True, BLOCK_N, DOT_PREC)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, n_full, hi_end, hi_end, kend,
-                   offs_n, offs_d, qk_scale, True, True, BLOCK_N, DOT_PREC)
+    for start_n in range(0, hi_end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        kmask = (cols < hi_end)[:, None]
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kmask, other=0.0)
+        # per-element bias: 0 on every tile below lo_end (one select; a branch would need a second step)
+        bias = tl.where(cols[None, :] < kend[:, None], 0.0, float("-inf"))
+        dq = _dq_step(dq, q, do, lse2, delta, k, v, bias, qk_scale, DOT_PREC)
     dq = dq * sm_scale
     tl.store(_tile_ptrs(DQ, b, h, stride_dqb, stride_dqh, offs_m, stride_dqn, offs_d),
              _cast(dq, DQ.dtype.element_ty, DOT_PREC), mask=row_ok[:, None])
 
 
 # HAS_CACHE / HAS_PREFIX separate a video's first chunk (Lk = Lq) from the later ones.
-_chunk_attn_fwd_tuned = _autotuned(_chunk_attn_fwd_kernel, ("HAS_CACHE", "HAS_PREFIX"))
+_chunk_attn_fwd_tuned = _autotuned(_chunk_attn_fwd_kernel, ("HAS_CACHE", "HAS_PREFIX", "NSPLIT"))
 _block_causal_fwd_tuned = _autotuned(_block_causal_fwd_kernel)
 
 
@@ -650,16 +682,35 @@ def _s3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _dot_prec_gpu(dtype: str) -> str:
+    """DOT_PREC of a compiled (GPU) launch for a dtype name ("bf16", "fp16", "fp32"). fp32 inputs use TF32
+    tensor-core dots (10-bit mantissa products, fp32 accumulation: torch's allow_tf32 accuracy), never the
+    "ieee" FMA loop, which on sm_90 compiles to kilobytes of spills per thread and minutes of ptxas. 3xTF32
+    (about fp32 accuracy) was measured with arcopo_fast.compile_report and spills 0.4-1.1 KB per thread in
+    every config: not used. arcopo_fast.ops therefore sends fp32 attention on CUDA to the torch path (SDPA)
+    unless backend="triton" is asked for."""
+    return "tf32"  # half types ignore the setting
+
+
 def _dot_prec(dtype: torch.dtype) -> str:
-    # fp32 inputs would use TF32 tensor cores by default on the GPU: 2^-11 relative error, far above
-    # torch's fp32 error. Half types ignore the setting. "upcast": see _mma (interpreter bf16 bug).
-    if dtype == torch.bfloat16 and interpreting():
-        return "upcast"
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if interpreting():  # "upcast": see _mma (interpreter bf16 bug); the interpreter's fp32 dot is exact
+        return "upcast" if dtype == torch.bfloat16 else "ieee"
+    return _dot_prec_gpu("fp32" if dtype == torch.float32 else "half")
 
 
 def _lq_bucket(n: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), 8192)
+
+
+def _lk_bucket(n: int) -> int:
+    """Autotune bucket of the longest key walk (host-known bound: the segments' capacities + Lq)."""
+    return min(triton.next_power_of_2(max(n, 1)), 65536)
+
+
+def _segment_flags(*, cache_len_ptr: bool, cache_rows: bool, prefix_len_ptr: bool) -> dict:
+    """constexpr flags of the chunk kernels with a cache and a prefix segment (the compile report's variant)."""
+    return dict(HAS_CACHE=True, CLEN_PTR=cache_len_ptr, CACHE_ROWS=cache_rows, HAS_PREFIX=True,
+                PLEN_PTR=prefix_len_ptr)
 
 
 def _prep_qkv(q, k, v, name_q="q"):
@@ -695,17 +746,20 @@ class _Segment:
     length: int | torch.Tensor
     rows: torch.Tensor | None
 
-    def kernel_args(self):
-        """(K, V, LEN, ROWS), strides, (len_scalar, len_stride, len_max), (LEN_PTR, HAS_ROWS)"""
+    def kernel_args(self, dtype: torch.dtype):
+        """(K, V, LEN, ROWS), strides, (len_scalar, len_stride, len_max), (LEN_PTR, HAS_ROWS). The flattened
+        key walk selects among the segments' pointers, so they share q's element type: a segment of another
+        dtype is converted here (a copy; pass the cache in q's dtype to avoid it)."""
+        k, v = (x if x.dtype == dtype else x.to(dtype) for x in (self.k, self.v))
         len_ptr = isinstance(self.length, torch.Tensor)
-        lens = self.length if len_ptr else self.k  # any pointer when unused
-        rows = self.rows if self.rows is not None else self.k
+        lens = self.length if len_ptr else k  # any pointer when unused
+        rows = self.rows if self.rows is not None else k
         len_stride = self.length.stride(0) if len_ptr and self.length.numel() > 1 else 0
         scalar = 0 if len_ptr else int(self.length)
         return (
-            (self.k, self.v, lens, rows),
-            (*_s3(self.k), *_s3(self.v)),
-            (scalar, len_stride, self.k.shape[1]),
+            (k, v, lens, rows),
+            (*_s3(k), *_s3(v)),
+            (scalar, len_stride, k.shape[1]),
             (len_ptr, self.rows is not None),
         )
 
@@ -758,7 +812,38 @@ def _make_segment(name, kx, vx, length, rows, q, *, rows_required):
 def _segment_args(seg: _Segment | None, q: torch.Tensor):
     if seg is None:  # dummies, never read (HAS_* = False)
         return (q, q, q, q), (0,) * 6, (0, 0, 0), (False, False)
-    return seg.kernel_args()
+    return seg.kernel_args(q.dtype)
+
+
+def _seg_capacity(seg: _Segment | None) -> int:
+    """Host-known upper bound of a segment's length (no sync: tensor lengths are bounded by Lmax)."""
+    if seg is None:
+        return 0
+    return seg.k.shape[1] if isinstance(seg.length, torch.Tensor) else int(seg.length)
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the device; 0 under the interpreter (no split unless a test sets one)."""
+    if device.type != "cuda":
+        return 0
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _num_splits(q_tiles: int, bh: int, key_tiles: int, sms: int) -> int:
+    """Split-KV factor of the chunk forward: 1 when the grid already has SPLIT_KV["waves"] waves of CTAs (one
+    CTA per SM assumed: the kept 128-row configs use most of the registers), else enough splits to reach
+    them, each split keeping at least SPLIT_KV["min_tiles"] key tiles."""
+    programs = q_tiles * bh
+    target = SPLIT_KV["waves"] * sms
+    if sms <= 0 or programs >= target:
+        return 1
+    s = min(triton.cdiv(target, programs), SPLIT_KV["max_splits"], key_tiles // SPLIT_KV["min_tiles"])
+    return max(1, s)
 
 
 def _chunk_fwd(q, k, v, cache: _Segment | None, prefix: _Segment | None, scale: float):
@@ -769,22 +854,36 @@ def _chunk_fwd(q, k, v, cache: _Segment | None, prefix: _Segment | None, scale: 
         return out, lse
     (kc, vc, clen, crows), c_strides, c_lens, (clen_ptr, c_rows) = _segment_args(cache, q)
     (kp, vp, plen, prows), p_strides, p_lens, (plen_ptr, _) = _segment_args(prefix, q)
+    lk = _seg_capacity(cache) + _seg_capacity(prefix) + Lq
+    gpu = _gpu_tiles()
+    bm, bn = (SPLIT_KV["block_m"], SPLIT_KV["block_n"]) if gpu else INTERPRET_BLOCKS["fwd"]
+    key_tiles = sum(triton.cdiv(n, bn) for n in (_seg_capacity(cache), _seg_capacity(prefix), Lq))
+    n_split = _num_splits(triton.cdiv(Lq, bm), B * H, key_tiles, _sm_count(q.device))
+    o_part = lse_part = lse  # dummies when not split
+    if n_split > 1:
+        o_part = _empty((n_split, B * H, Lq, D), dtype=torch.float32, device=q.device)
+        lse_part = _empty((n_split, B * H, Lq), dtype=torch.float32, device=q.device)
     args = (
-        q, k, v, out, lse, kc, vc, clen, crows, kp, vp, plen, prows,
+        q, k, v, out, lse, o_part, lse_part, kc, vc, clen, crows, kp, vp, plen, prows,
         *_s3(q), *_s3(k), *_s3(v), *_s3(out), *c_strides, *p_strides, *c_lens, *p_lens,
-        H, Lq, scale * LOG2E, _lq_bucket(Lq), B * H,
+        H, Lq, scale * LOG2E, _lq_bucket(Lq), _lk_bucket(lk), B * H, n_split,
     )
+    prec = _dot_prec(q.dtype)
     flags = dict(
         HAS_CACHE=cache is not None, CLEN_PTR=clen_ptr, CACHE_ROWS=c_rows,
-        HAS_PREFIX=prefix is not None, PLEN_PTR=plen_ptr, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype),
+        HAS_PREFIX=prefix is not None, PLEN_PTR=plen_ptr, SPLIT=n_split > 1, HEAD_DIM=D, DOT_PREC=prec,
     )
     with on_device(q):
-        if not _gpu_tiles():
-            bm, bn = INTERPRET_BLOCKS["fwd"]
-            _chunk_attn_fwd_kernel[(triton.cdiv(Lq, bm), B * H)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn)
+        if not gpu:
+            _chunk_attn_fwd_kernel[(triton.cdiv(Lq, bm), B * H, n_split)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn)
         else:
-            grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+            grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H, n_split)
             _chunk_attn_fwd_tuned[grid](*args, **flags)
+        if n_split > 1:
+            cbm, cw = COMBINE_CONFIG if gpu else (INTERPRET_BLOCKS["fwd"][0], 4)
+            _split_combine_kernel[(triton.cdiv(Lq, cbm), B * H)](
+                o_part, lse_part, out, lse, *_s3(out), H, Lq, B * H, n_split,
+                HEAD_DIM=D, BLOCK_M=cbm, DOT_PREC=prec, num_warps=cw)
     return out, lse
 
 
@@ -862,7 +961,7 @@ def _block_causal_fwd(q, k, v, chunk_tokens, scale):
     if B * H * L == 0:
         return out, lse
     args = (q, k, v, out, lse, *_s3(q), *_s3(k), *_s3(v), *_s3(out), H, L, chunk_tokens, scale * LOG2E,
-            _lq_bucket(L), B * H)
+            _lq_bucket(L), _lk_bucket(L), B * H)
     with on_device(q):
         if not _gpu_tiles():
             bm, bn = INTERPRET_BLOCKS["fwd"]

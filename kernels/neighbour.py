@@ -8,12 +8,15 @@ G ~ 12 are tiny and N ~ 300K elements per sample, so the op is memory-bound and 
 read once. Differences are formed explicitly in float32 (no |a|^2 + |b|^2 - 2ab cancellation: anchors and
 candidates are close, which is the whole point of the neighbour policy).
 
-Forward, two launches:
-  _partial_kernel   grid (cdiv(N, BLOCK), cdiv(A, A_BLOCK)): a program loads a [G_PAD, BLOCK] tile of
-                    x0_old once and A_BLOCK anchor rows, and writes the tile's partial sums [A, G] of
-                    squared differences to part[tile] (deterministic: no atomics).
-  _finalize_kernel  grid (A,): sums part[:, a, :] over tiles, divides by N, and does the log-softmax.
-Backward, one launch (_backward_kernel, same grid as _partial_kernel). With W = dL/dd (total),
+Forward, one launch (_forward_kernel), grid (P, cdiv(A, A_BLOCK)):
+  every program loads contiguous [G_PAD, BLOCK] tiles of x0_old once for A_BLOCK anchor rows and keeps
+  the partial sums [A_BLOCK, G] of squared differences of its tiles in registers; P (at most the device's
+  resident CTA slots) is chosen so that every program gets the same number of tiles. Each program writes
+  its partial row to part[p] and takes a ticket (an atomic counter); the program that draws the last ticket
+  sums part over the programs (a fixed order: deterministic), divides by N and does the log-softmax, then
+  resets the counter. Anchors and candidates are read with 16-byte loads: the anchor row of a padded slot
+  (a >= A) is clamped to A - 1 instead of masked, so the load mask stays uniform along the row.
+Backward, one launch (_backward_kernel, grid (cdiv(N, BLOCK), cdiv(A, A_BLOCK))). With W = dL/dd (total),
     W[a, i]  = gd[a, i] - (gl[a, i] - p[a, i] * sum_j gl[a, j]) / tau[a],   p = exp(logp)
     dL/dx0_theta[a, n] = (2 / N) * sum_i W[a, i] * (x0_theta[a, n] - x0_old[i, n])
 W is recomputed by every program from the [A, G] tensors (a few dozen values) instead of a third launch.
@@ -33,9 +36,11 @@ __all__ = ["neighbour_logprobs"]
 
 MAX_CANDIDATES = 64  # G is held as one padded register tile [G_PAD, BLOCK]
 A_BLOCK_MAX = 4  # anchors per program: x0_old is read cdiv(A, 4) times (once for the paper's A = 4)
-TILE_ELEMS = 8192  # G_PAD * BLOCK: 32 fp32 registers per thread for the candidate tile at 8 warps
+TILE_ELEMS = 4096  # G_PAD * BLOCK: 16 fp32 registers per thread for the candidate tile at 8 warps
 NUM_WARPS = 8
-T_BLOCK = 64  # tiles summed per step of the finalize loop
+T_BLOCK = 64  # partial rows summed per step of the final reduction
+CTAS_PER_SM = 4  # resident forward programs per SM (8 warps, few registers): the persistent grid's slots
+INTERPRET_SLOTS = 3  # "slots" under the CPU interpreter: several programs, several tiles each
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -47,31 +52,12 @@ def _load_candidates(c_ptr, n, nmask, g, gmask, N):
 
 
 @triton.jit
-def _partial_kernel(
-    t_ptr,  # [A, N] x0_theta, any float dtype
-    c_ptr,  # [G, N] x0_old, any float dtype
-    part_ptr,  # float32 [n_tiles, A, G] partial sums of squared differences
-    A,
-    G,
-    N,
-    A_BLOCK: tl.constexpr,
-    G_PAD: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    tile = tl.program_id(0)
-    a0 = tl.program_id(1) * A_BLOCK
-    n = tile * BLOCK + tl.arange(0, BLOCK)
-    nmask = n < N
-    g = tl.arange(0, G_PAD)
-    gmask = g < G
-    c = _load_candidates(c_ptr, n, nmask, g, gmask, N)
-    for j in tl.static_range(A_BLOCK):
-        a = a0 + j
-        # Anchor masks are built as vectors: the interpreter mis-broadcasts scalar int1 masks.
-        t = tl.load(t_ptr + a.to(tl.int64) * N + n, mask=nmask & (n * 0 + a < A), other=0.0).to(tl.float32)
-        diff = c - t[None, :]  # zero in padded columns (both operands are zero there)
-        s = tl.sum(diff * diff, axis=1)  # [G_PAD]
-        tl.store(part_ptr + (tile * A + a) * G + g, s, mask=gmask & (g * 0 + a < A))
+def _load_anchor(t_ptr, row, n, nmask, g):
+    """Anchor row `row` over columns n, loaded as a [G_PAD, BLOCK] tile whose rows are all equal: in the
+    candidate tile's layout, so each thread reads its 8 or 16 contiguous bytes at once (a [BLOCK] load gets
+    one element per thread when BLOCK = threads). The repeated rows come from L1, not from memory."""
+    offs = row + n[None, :] + 0 * g[:, None]
+    return tl.load(t_ptr + offs, mask=nmask[None, :] & (g[:, None] >= 0), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -84,8 +70,11 @@ def _load_tau(tau_ptr, tau_stride, tau_val, a, A, TAU_TENSOR: tl.constexpr):
 
 
 @triton.jit
-def _finalize_kernel(
-    part_ptr,  # float32 [n_tiles, A, G]
+def _forward_kernel(
+    t_ptr,  # [A, N] x0_theta, any float dtype
+    c_ptr,  # [G, N] x0_old, any float dtype
+    part_ptr,  # float32 [P * n_ablocks, A_PAD, G_PAD] partial sums of squared differences, one row per program
+    ticket_ptr,  # int32 [1], 0 between launches (the last program resets it)
     tau_ptr,  # float32 [A] view (stride tau_stride), when TAU_TENSOR
     tau_stride,
     tau_val,  # float, when not TAU_TENSOR
@@ -94,26 +83,55 @@ def _finalize_kernel(
     A,
     G,
     N,
-    n_tiles,
+    tiles_per_program,
     TAU_TENSOR: tl.constexpr,
+    A_BLOCK: tl.constexpr,
+    A_PAD: tl.constexpr,
     G_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
     T_BLOCK: tl.constexpr,
 ):
-    a = tl.program_id(0)
+    p = tl.program_id(0)
+    ab = tl.program_id(1)
+    n_programs = tl.num_programs(0) * tl.num_programs(1)
+    a0 = ab * A_BLOCK
     g = tl.arange(0, G_PAD)
     gmask = g < G
-    acc = tl.zeros([T_BLOCK, G_PAD], dtype=tl.float32)
-    for start in range(0, n_tiles, T_BLOCK):
-        r = start + tl.arange(0, T_BLOCK)
-        offs = (r[:, None] * A + a) * G + g[None, :]
-        acc += tl.load(part_ptr + offs, mask=(r < n_tiles)[:, None] & gmask[None, :], other=0.0)
-    d = tl.sum(acc, axis=0) / N
-    tau = _load_tau(tau_ptr, tau_stride, tau_val, a, A, TAU_TENSOR)
-    s = tl.where(gmask, -d / tau, float("-inf"))
-    m = tl.max(s, axis=0)
-    lse = m + tl.log(tl.sum(tl.exp(s - m), axis=0))
-    tl.store(d_ptr + a * G + g, d, mask=gmask)
-    tl.store(logp_ptr + a * G + g, s - lse, mask=gmask)
+    ar = tl.arange(0, A_PAD)
+    acc = tl.zeros([A_PAD, G_PAD], dtype=tl.float32)
+    tile0 = p * tiles_per_program
+    for tile in range(tile0, tile0 + tiles_per_program):
+        n = tile * BLOCK + tl.arange(0, BLOCK)
+        nmask = n < N
+        c = _load_candidates(c_ptr, n, nmask, g, gmask, N)
+        for j in tl.static_range(A_BLOCK):
+            a = tl.minimum(a0 + j, A - 1)  # a padded slot re-reads row A - 1 (from L2); its sums are dropped
+            diff = c - _load_anchor(t_ptr, a.to(tl.int64) * N, n, nmask, g)  # zero in padded columns
+            acc += tl.where(ar[:, None] == j, tl.sum(diff * diff, axis=1)[None, :], 0.0)
+    row = p * tl.num_programs(1) + ab
+    tl.store(part_ptr + (row * A_PAD + ar[:, None]) * G_PAD + g[None, :], acc)
+    # All partial rows stored (every thread) before the ticket (acq_rel, gpu scope) publishes them.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if ticket == n_programs - 1:
+        # The last program: sum the partial rows of every anchor's block in program order, then finish.
+        for a in range(0, A):
+            ab_a = a // A_BLOCK
+            slot = a - ab_a * A_BLOCK
+            s = tl.zeros([T_BLOCK, G_PAD], dtype=tl.float32)
+            for start in range(0, tl.num_programs(0), T_BLOCK):
+                r = start + tl.arange(0, T_BLOCK)
+                offs = ((r * tl.num_programs(1) + ab_a) * A_PAD + slot)[:, None] * G_PAD + g[None, :]
+                s += tl.load(part_ptr + offs, mask=(r < tl.num_programs(0))[:, None], other=0.0,
+                             cache_modifier=".cg")
+            d = tl.sum(s, axis=0) / N
+            tau = _load_tau(tau_ptr, tau_stride, tau_val, a, A, TAU_TENSOR)
+            x = tl.where(gmask, -d / tau, float("-inf"))
+            m = tl.max(x, axis=0)
+            lse = m + tl.log(tl.sum(tl.exp(x - m), axis=0))
+            tl.store(d_ptr + a * G + g, d, mask=gmask)
+            tl.store(logp_ptr + a * G + g, x - lse, mask=gmask)
+        tl.atomic_xchg(ticket_ptr, 0)  # ready for the next launch
 
 
 @triton.jit
@@ -152,10 +170,12 @@ def _backward_kernel(
         tau = _load_tau(tau_ptr, tau_stride, tau_val, a, A, TAU_TENSOR)
         w = gd - (gl - p * tl.sum(gl, axis=0)) / tau  # dL/dd[a, :], zero in padded rows
         w = tl.where(wmask, w, 0.0)
-        rmask = nmask & (n * 0 + a < A)
-        t = tl.load(t_ptr + a.to(tl.int64) * N + n, mask=rmask, other=0.0).to(tl.float32)
-        grad = tl.sum(w[:, None] * (t[None, :] - c), axis=0) * two_over_n
-        tl.store(gt_ptr + a.to(tl.int64) * N + n, grad.to(gt_ptr.dtype.element_ty), mask=rmask)
+        row = tl.minimum(a, A - 1).to(tl.int64) * N  # a padded slot reads row A - 1 and stores nothing
+        grad = tl.sum(w[:, None] * (_load_anchor(t_ptr, row, n, nmask, g) - c), axis=0) * two_over_n
+        # stored from the tile's first row (the candidate layout: 16-byte stores), as the anchor was loaded
+        grad2 = tl.broadcast_to(grad[None, :], (G_PAD, BLOCK))
+        smask = nmask[None, :] & (g[:, None] == 0) & (g[:, None] * 0 + a < A)
+        tl.store(gt_ptr + row + n[None, :] + 0 * g[:, None], grad2.to(gt_ptr.dtype.element_ty), mask=smask)
 
 
 def _config(A: int, G: int) -> tuple[int, int, int]:
@@ -195,33 +215,50 @@ def _tau_args(tau, A: int, device: torch.device):
     return None, 0, tau
 
 
+def _slots(device: torch.device) -> int:
+    """Resident forward programs the device holds at once (the persistent grid's upper bound)."""
+    if device.type != "cuda":
+        return INTERPRET_SLOTS
+    return torch.cuda.get_device_properties(device).multi_processor_count * CTAS_PER_SM
+
+
+_TICKETS: dict[tuple, torch.Tensor] = {}
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    """The forward's int32 counter for this device and stream: zero between launches (the kernel's last
+    program resets it), so launches on one stream reuse it; another stream gets its own."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    if key not in _TICKETS:
+        _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _TICKETS[key]
+
+
+def _grid(A: int, G: int, N: int, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(a_block, g_pad, block, programs P, tiles per program) of the forward: P <= the resident slots (per
+    anchor block), every program with the same number of tiles (the last one possibly fewer)."""
+    a_block, g_pad, block = _config(A, G)
+    n_tiles = triton.cdiv(N, block)
+    slots = max(1, _slots(device) // triton.cdiv(A, a_block))
+    per = triton.cdiv(n_tiles, slots)
+    return a_block, g_pad, block, triton.cdiv(n_tiles, per), per
+
+
 def _forward(t, c, tau_a, tau_stride, tau_val):
     A, N = t.shape
     G = c.shape[0]
-    a_block, g_pad, block = _config(A, G)
-    n_tiles = triton.cdiv(N, block)
-    part = torch.empty(n_tiles, A, G, dtype=torch.float32, device=t.device)
+    a_block, g_pad, block, programs, per = _grid(A, G, N, t.device)
+    n_ab = triton.cdiv(A, a_block)
+    a_pad = triton.next_power_of_2(a_block)
+    part = torch.empty(programs * n_ab, a_pad, g_pad, dtype=torch.float32, device=t.device)
     d = torch.empty(A, G, dtype=torch.float32, device=t.device)
     logp = torch.empty_like(d)
     tau_ptr = tau_a if tau_a is not None else d  # dummy pointer when tau is a float
-    _partial_kernel[(n_tiles, triton.cdiv(A, a_block))](
-        t, c, part, A, G, N, A_BLOCK=a_block, G_PAD=g_pad, BLOCK=block, num_warps=NUM_WARPS
-    )
-    _finalize_kernel[(A,)](
-        part,
-        tau_ptr,
-        tau_stride,
-        tau_val,
-        d,
-        logp,
-        A,
-        G,
-        N,
-        n_tiles,
-        TAU_TENSOR=tau_a is not None,
-        G_PAD=g_pad,
-        T_BLOCK=T_BLOCK,
-        num_warps=4,
+    _forward_kernel[(programs, n_ab)](
+        t, c, part, _ticket(t.device), tau_ptr, tau_stride, tau_val, d, logp, A, G, N, per,
+        TAU_TENSOR=tau_a is not None, A_BLOCK=a_block, A_PAD=a_pad, G_PAD=g_pad, BLOCK=block, T_BLOCK=T_BLOCK,
+        num_warps=NUM_WARPS,
     )
     return d, logp
 
@@ -253,6 +290,19 @@ def _backward(t, c, logp, gd, gl, tau_a, tau_stride, tau_val):
         num_warps=NUM_WARPS,
     )
     return gt
+
+
+def compile_specs(A: int, G: int) -> list[tuple[str, str, dict, int]]:
+    """(report name, kernel name, constexprs, num_warps) of the launches at group shape (A, G), for
+    arcopo_fast.compile_report."""
+    a_block, g_pad, block = _config(A, G)
+    fwd = dict(TAU_TENSOR=False, A_BLOCK=a_block, A_PAD=triton.next_power_of_2(a_block), G_PAD=g_pad, BLOCK=block,
+               T_BLOCK=T_BLOCK)
+    return [
+        ("neighbour_fwd", "_forward_kernel", fwd, NUM_WARPS),
+        ("neighbour_bwd", "_backward_kernel", dict(TAU_TENSOR=False, A_BLOCK=a_block, G_PAD=g_pad, BLOCK=block),
+         NUM_WARPS),
+    ]
 
 
 class _NeighbourLogprobs(torch.autograd.Function):

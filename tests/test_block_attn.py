@@ -9,8 +9,6 @@ same dtype (the naive reference computed in that dtype), plus a tiny absolute sl
 
 from __future__ import annotations
 
-import os
-
 from triton_env import DEVICE, INTERPRET, require_kernel_device
 
 require_kernel_device()  # sets TRITON_INTERPRET=1 (CPU) unless chosen; before triton is imported
@@ -285,7 +283,10 @@ def test_forward_autotune_prune_filter():
         if lq == 16:
             assert all(c.kwargs["BLOCK_M"] == 64 for c in kept)
     kept128 = ba._prune_fwd_configs(ba._FWD_CONFIGS, {"Q": q, "LQ_BUCKET": 8192}, HEAD_DIM=128)
-    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept128} >= {(128, 64), (128, 128), (64, 64)}
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept128} >= {(128, 64), (64, 64)}
+    # configs the sm_90 compile report shows spilling are pruned
+    assert not {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept128} & ba._SPILLING_D128[2]
+    assert all(c.maxnreg == 168 for c in kept128 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == (128, 64, 8))
 
 
 def test_gpu_launch_path_under_interpreter(monkeypatch):
@@ -315,6 +316,81 @@ def test_gpu_launch_path_under_interpreter(monkeypatch):
     check_all("gpu-path block-causal", ours, exact, lowp)
 
 
+def test_split_kv_uneven_splits_and_segment_edges_inside_tiles(monkeypatch):
+    """Split-KV forward: 3 splits of flattened key walks of 2 and 4 tiles of 16 keys (row 0: an empty cache,
+    so one of its splits has no tile at all; row 1: shares of 1, 1 and 2 tiles), segment lengths (7, 17, 9)
+    that end inside tiles. Output and lse against float64."""
+    if not INTERPRET:
+        pytest.skip("forces the split with interpreter tile sizes")
+    monkeypatch.setattr(ba, "_sm_count", lambda device: 1)
+    monkeypatch.setitem(ba.SPLIT_KV, "waves", 6)  # 2 programs (B 2 x H 1 x 1 q tile) -> cdiv(6, 2) = 3 splits
+    monkeypatch.setitem(ba.SPLIT_KV, "min_tiles", 1)
+    splits = []
+    real = ba._num_splits
+    monkeypatch.setattr(ba, "_num_splits", lambda *a: splits.append(real(*a)) or splits[-1])
+    gen = torch.Generator().manual_seed(12)
+    B, Lq, H, D = 2, 9, 1, 32
+    q, k, v = (rand(B, Lq, H, D, dtype=torch.bfloat16, gen=gen) for _ in range(3))
+    kc, vc = (rand(2, 40, H, D, dtype=torch.bfloat16, gen=gen) for _ in range(2))
+    kp, vp = (rand(1, 20, H, D, dtype=torch.bfloat16, gen=gen) for _ in range(2))
+    clen = torch.tensor([0, 17], dtype=torch.int32, device=DEVICE)
+    prows = torch.zeros(B, dtype=torch.int32, device=DEVICE)
+    args = (kc, vc, clen, None, kp, vp, 7, prows)
+    out, lse = ba.chunk_attention_fwd(q, k, v, *args, return_lse=True)
+    assert splits == [3]
+    exact, r_lse = ref.chunk_attention_ref(q, k, v, *args, upcast=True)
+    lowp = ref.chunk_attention_ref(q, k, v, *args, upcast=False)[0]
+    check("split-kv out", out, exact, lowp)
+    torch.testing.assert_close(lse.double(), r_lse.double(), rtol=0, atol=1e-4)
+
+
+def test_autotune_key_has_the_lk_bucket(monkeypatch):
+    """The forward's autotune key holds the bucket of the longest key walk (cache + prefix capacity + Lq) and
+    the split count: a config tuned at the first chunk does not serve a 32k-key cache."""
+    if not INTERPRET:
+        pytest.skip("inspects the GPU launch path under the interpreter")
+    import triton
+
+    tuned = ba._chunk_attn_fwd_tuned
+    assert {"LQ_BUCKET", "LK_BUCKET", "BH", "NSPLIT"} <= set(tuned.keys)
+    assert {"LQ_BUCKET", "LK_BUCKET", "BH"} <= set(ba._block_causal_fwd_tuned.keys)
+    monkeypatch.setattr(ba, "_gpu_tiles", lambda: True)
+    monkeypatch.setattr(tuned, "configs", [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=2)])
+    seen = []
+    real_run = tuned.run
+    monkeypatch.setattr(tuned, "run", lambda *a, **kw: seen.append(dict(zip(tuned.arg_names, a))) or real_run(*a, **kw))
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (rand(1, 5, 1, 16, gen=gen) for _ in range(3))
+    for cap in (11, 200):
+        kc, vc = (rand(1, cap, 1, 16, gen=gen) for _ in range(2))
+        out = ba.chunk_attention_fwd(q, k, v, kc, vc, torch.tensor([3], dtype=torch.int32, device=DEVICE))
+        exact = ref.chunk_attention_ref(q.double(), k.double(), v.double(), kc, vc,
+                                        torch.tensor([3], dtype=torch.int32, device=DEVICE))[0]
+        torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5)
+    assert [s["LK_BUCKET"] for s in seen] == [16, 256]  # next power of two of capacity + Lq
+    assert [s["NSPLIT"] for s in seen] == [1, 1]
+
+
+def test_fp32_dots_use_tensor_cores_on_gpu(monkeypatch):
+    """fp32 attention compiled for a GPU uses TF32 tensor-core dots, never the "ieee" FMA loop."""
+    monkeypatch.setattr(ba, "interpreting", lambda: False)
+    assert ba._dot_prec(torch.float32) == "tf32"
+    assert ba._dot_prec(torch.bfloat16) == "tf32"  # ignored by half types
+
+
+def test_auto_sends_fp32_attention_on_cuda_to_torch(monkeypatch):
+    """ops: "auto" never measures (or traces) our kernels for fp32 CUDA attention (they would use TF32);
+    half types keep them as a candidate; an explicit backend="triton" is not filtered."""
+    monkeypatch.setattr(ops, "triton_available", lambda: True)
+    for op in ("chunk_attention", "block_causal_attention"):
+        assert "triton" not in ops.attention_candidates("cuda", op, torch.float32)
+        assert "triton" in ops.attention_candidates("cuda", op, torch.bfloat16)
+        assert "triton" in ops.attention_candidates("cuda", op, torch.float16)
+    monkeypatch.setattr(ops.selftest, "passed", lambda *a: True)
+    assert ops._traced_attention_backend("chunk_attention", "cache/fwd/d64", "cuda", "torch.float32") == "torch"
+    assert ops._traced_attention_backend("chunk_attention", "cache/fwd/d64", "cuda", "torch.bfloat16") == "triton"
+
+
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
 def test_cuda_graph_capture_with_device_lengths():
     """No host sync in the launch: capture once, change the lengths in place, replay."""
@@ -338,68 +414,3 @@ def test_cuda_graph_capture_with_device_lengths():
     exact = ref.chunk_attention_ref(q.double(), k.double(), v.double(), kc, vc, clen, rows)[0]
     lowp = ref.chunk_attention_ref(q, k, v, kc, vc, clen, rows, upcast=False)[0]
     check("graph replay", out, exact, lowp)
-
-
-_SM90_COMPILE = r'''
-import os, subprocess, sys, tempfile
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from arcopo_fast.kernels import block_attn as ba
-
-PTR = {"Lse": "*fp32", "Delta": "*fp32", "CLEN": "*i32", "CROWS": "*i32", "PLEN": "*i32", "PROWS": "*i32"}
-for n in ("Q", "K", "V", "Out", "KC", "VC", "KP", "VP", "DO", "DQ", "DK", "DV"):
-    PTR[n] = "*bf16"
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-def build(fn, warps, stages, **constexprs):
-    sig = {n: "constexpr" if n in constexprs else PTR.get(n, "fp32" if n.endswith("scale") else "i32")
-           for n in fn.arg_names}
-    # what the JIT sees at run time: 16-byte aligned pointers, token/head/batch strides divisible by 16
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n].startswith("*") or n.startswith("stride_")}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    assert "wgmma" in k.asm["ptx"] or fn is ba._bwd_delta_kernel, fn.__name__
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"]); f.flush()
-        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-    line = [x for x in res.splitlines() if "REG:" in x]
-    print(fn.__name__, warps, stages, constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N"),
-          line[0].strip() if line else "?", k.metadata.shared, "bytes smem")
-
-D = 128
-seg = dict(HAS_CACHE=True, CLEN_PTR=True, CACHE_ROWS=True, HAS_PREFIX=True, PLEN_PTR=False)
-build(ba._chunk_attn_fwd_kernel, 8, 3, **seg, HEAD_DIM=D, BLOCK_M=128, BLOCK_N=64, DOT_PREC="tf32")
-build(ba._block_causal_fwd_kernel, 8, 2, HEAD_DIM=D, BLOCK_M=128, BLOCK_N=128, DOT_PREC="tf32")
-bm, bn, w, s = ba.BWD_DQ_CONFIG[D]
-build(ba._chunk_attn_bwd_dq_kernel, w, s, **seg, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="tf32")
-build(ba._block_causal_bwd_dq_kernel, w, s, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="tf32")
-bm, bn, w, s = ba.BWD_DKDV_CONFIG[D]
-for causal in (False, True):
-    build(ba._dkdv_kernel, w, s, CAUSAL=causal, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="tf32")
-build(ba._bwd_delta_kernel, 4, 1, HEAD_DIM=D, BLOCK_M=64)
-print("OK")
-'''
-
-
-@pytest.mark.slow
-def test_kernels_compile_for_sm90_without_a_gpu():
-    """Ahead-of-time compile of every kernel for sm_90 (H100) with the installed triton: catches what the
-    interpreter lets through (typing, constexpr, layout errors). Prints registers/spills per kernel."""
-    import pathlib
-    import subprocess
-    import sys
-
-    import triton
-
-    if not (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this triton install has no NVIDIA backend / ptxas")
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, env=env,
-                          cwd=root, timeout=600)
-    print(proc.stdout)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -210,3 +210,35 @@ _BAD = list(_bad_calls())
 def test_bad_arguments_raise(match, call):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_forward_is_one_launch_of_several_programs(monkeypatch, poison):
+    """One forward launch: 2 anchor blocks (A = 5, a padded slot) x 3 programs over 7 tiles (3, 3 and 1 tiles
+    each), the last program (by ticket) reduces; the ticket is back at 0 for the next call."""
+    import triton
+
+    launches = []
+    for name in dir(nb):  # every kernel of the module (helpers called inside kernels are not launched)
+        obj = getattr(nb, name)
+        if name.endswith("_kernel") and (isinstance(obj, triton.runtime.JITFunction)
+                                         or type(obj).__name__ == "InterpretedFunction"):
+            class Spy:
+                def __init__(self, fn, name):
+                    self.fn, self.name = fn, name
+
+                def __getitem__(self, grid):
+                    launches.append((self.name, grid))
+                    return self.fn[grid]
+
+            monkeypatch.setattr(nb, name, Spy(obj, name))
+    monkeypatch.setattr(nb, "INTERPRET_SLOTS", 6)  # per anchor block: 3
+    A, G, shape = 5, 12, (7 * 256 - 100,)  # G_PAD 16 -> 256-element tiles: 7 tiles
+    t, c, _, _ = _inputs(A, G, shape, torch.bfloat16, torch.bfloat16, seed=21)
+    for _ in range(2):  # the second call checks the ticket reset
+        d, logp = nb.neighbour_logprobs(t, c, 0.02)
+        d64, logp64 = ref.neighbour_logprobs_ref(t.cpu().double(), c.cpu(), 0.02, upcast=True)
+        torch.testing.assert_close(d.cpu().double(), d64, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(logp.cpu().double(), logp64, rtol=1e-5, atol=2e-5)
+    assert launches == [("_forward_kernel", (3, 2))] * 2
+    assert int(nb._ticket(t.device)) == 0
+
