@@ -386,7 +386,12 @@ def test_auto_sends_fp32_attention_on_cuda_to_torch(monkeypatch):
         assert "triton" not in ops.attention_candidates("cuda", op, torch.float32)
         assert "triton" in ops.attention_candidates("cuda", op, torch.bfloat16)
         assert "triton" in ops.attention_candidates("cuda", op, torch.float16)
+    from types import SimpleNamespace
+
+    from arcopo_fast import backend_choice
+
     monkeypatch.setattr(ops.selftest, "passed", lambda *a: True)
+    monkeypatch.setattr(backend_choice, "chooser", lambda: SimpleNamespace(choices=lambda dev: {}))
     assert ops._traced_attention_backend("chunk_attention", "cache/fwd/d64", "cuda", "torch.float32") == "torch"
     assert ops._traced_attention_backend("chunk_attention", "cache/fwd/d64", "cuda", "torch.bfloat16") == "triton"
 
