@@ -75,19 +75,31 @@ class _Payload:
 
 
 def test_resume_never_unpickles_the_optimizer_state(finished_run, tmp_path):
-    run = copy_run(finished_run, tmp_path / "run")
-    ckpt = checkpointing.resolve(run)
-    marker = tmp_path / "pwned"
-    osd = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    torch.save(dict(osd, extra=_Payload(str(marker))), ckpt / "optimizer.pt")
+    import argparse
+
     model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = _save(tmp_path / "unit", 1, model, opt)
+    osd = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    marker = tmp_path / "pwned"
+    torch.save(dict(osd, extra=_Payload(str(marker))), ckpt / "optimizer.pt")
     with pytest.raises(ValueError, match="--allow-pickle"):
-        checkpointing.load(ckpt, model=model, optimizer=torch.optim.AdamW(model.parameters()))
+        checkpointing.load(ckpt, model=model, optimizer=opt)
     assert not marker.exists()
+    # a trusted legacy checkpoint (objects beside the tensors) loads with allow_pickle
+    osd["param_groups"][0]["note"] = argparse.Namespace(why="legacy")
+    torch.save(osd, ckpt / "optimizer.pt")
+    with pytest.raises(ValueError, match="--allow-pickle"):
+        checkpointing.load(ckpt, model=model, optimizer=opt)
+    checkpointing.load(ckpt, model=model, optimizer=opt, allow_pickle=True)
+    # the CLI: a crafted optimizer.pt in a run folder stops the resume, and runs nothing
     from arcopo_fast.train import main
 
+    run = copy_run(finished_run, tmp_path / "run")
+    real = checkpointing.resolve(run) / "optimizer.pt"
+    torch.save(dict(torch.load(real, weights_only=True), extra=_Payload(str(marker))), real)
     assert main(["--resume", str(run), "run.iterations=3", *tiny_overrides()]) == 2
-    assert not marker.exists()
+    assert not marker.exists() and rows(run) == [0, 1]
 
 
 def test_stored_import_strings_must_be_given_again_to_resume(finished_run, tmp_path, capsys):
