@@ -78,3 +78,19 @@ class ExitAfter(_AfterCalls):
         import sys
 
         sys.exit(0)
+
+
+class MeanRedStall(MeanRed):
+    """MeanRed, except that while the file `stall` exists a call first touches `stall + '.hit'` and then
+    hangs for `seconds` (a reward server that stopped answering)."""
+
+    def __init__(self, stall: str = "", seconds: float = 60.0):
+        self.stall, self.seconds = stall, seconds
+
+    def __call__(self, videos, prompts):
+        if self.stall and os.path.exists(self.stall):
+            import time
+
+            open(self.stall + ".hit", "w").close()
+            time.sleep(self.seconds)
+        return super().__call__(videos, prompts)

@@ -75,7 +75,7 @@ class _Payload:
 
 
 def test_resume_never_unpickles_the_optimizer_state(finished_run, tmp_path):
-    import argparse
+    import numpy
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
@@ -86,12 +86,13 @@ def test_resume_never_unpickles_the_optimizer_state(finished_run, tmp_path):
     with pytest.raises(ValueError, match="--allow-pickle"):
         checkpointing.load(ckpt, model=model, optimizer=opt)
     assert not marker.exists()
-    # a trusted legacy checkpoint (objects beside the tensors) loads with allow_pickle
-    osd["param_groups"][0]["note"] = argparse.Namespace(why="legacy")
+    # a trusted legacy checkpoint (a numpy scalar where a float belongs) loads with allow_pickle only
+    osd["param_groups"][0]["lr"] = numpy.float64(0.0123)
     torch.save(osd, ckpt / "optimizer.pt")
     with pytest.raises(ValueError, match="--allow-pickle"):
         checkpointing.load(ckpt, model=model, optimizer=opt)
     checkpointing.load(ckpt, model=model, optimizer=opt, allow_pickle=True)
+    assert opt.param_groups[0]["lr"] == 0.0123
     # the CLI: a crafted optimizer.pt in a run folder stops the resume, and runs nothing
     from arcopo_fast.train import main
 
@@ -145,7 +146,7 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="non-finite"):
         load_model(tmp_path / "nan.safetensors")
     out = tmp_path / "v.mp4"
-    assert sample_main(["--checkpoint", str(tmp_path / "nan.safetensors"), "--out", str(out), "--num-chunks", "1",
+    assert sample_main(["--prompt", "a kite", "--checkpoint", str(tmp_path / "nan.safetensors"), "--out", str(out), "--num-chunks", "1",
                         "--height", "4", "--width", "4"]) != 0
     assert not out.exists()
 
@@ -166,7 +167,7 @@ def test_resume_of_a_copied_run_writes_into_the_copy(finished_run, tmp_path):
     assert {p.relative_to(orig): p.read_bytes() for p in orig.rglob("*") if p.is_file()} == before
     assert rows(finished_run) == [0, 1]
     # an explicit run.out_dir elsewhere is refused, naming both folders
-    assert main(["--resume", str(snap), f"run.out_dir={orig}", "--print-config", *tiny_overrides()]) == 2
+    assert main(["--print-config", "--resume", str(snap), f"run.out_dir={orig}", *tiny_overrides()]) == 2
     # resuming an older checkpoint of a run would discard its newer iterations: refused unless --overwrite
     old = snap / "checkpoints" / "iter_000002"
     assert main(["--resume", str(old), "run.iterations=3", *tiny_overrides()]) == 2
@@ -276,22 +277,17 @@ def test_metrics_survive_a_torn_last_line(tmp_path):
     # a failing append leaves no partial line behind
     log = MetricsLogger(tmp_path)
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
+    real_write, calls = os.write, []
 
-        def write(self, s):
-            self.f.write(s[:7])
-            self.f.flush()
+    def full(fd, data):  # the first write lands 7 bytes, the next one finds the disk full
+        if calls:
             raise OSError(28, "No space left on device")
+        calls.append(1)
+        return real_write(fd, bytes(data[:7]))
 
-        def __getattr__(self, k):
-            return getattr(self.f, k)
-
-    real_open = Path.open
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Path, "open", lambda self, *a, **k: Full(real_open(self, *a, **k)))
-        with pytest.raises(OSError):
+        mp.setattr(os, "write", full)
+        with pytest.raises(OSError, match="No space"):
             log.log(2, {"reward/mean": 2.0})
     assert rows(tmp_path) == [0, 1]
 
@@ -357,12 +353,13 @@ def test_an_interrupt_during_a_rollout_saves_the_completed_iterations(tmp_path):
 
 def test_a_reward_that_hangs_times_out_naming_it(tmp_path):
     out = tmp_path / "slow"
-    cfg = tiny_cfg(out, "run.iterations=3", "reward.timeout=0.5",
-                   "reward.rewards=[{name: 'reward_helpers:SlowAfter', kwargs: {ok_calls: 1, seconds: 4}}]")
+    cfg = tiny_cfg(out, "run.iterations=3", "reward.timeout=2",
+                   "reward.rewards=[{name: 'reward_helpers:SlowAfter', kwargs: {ok_calls: 1, seconds: 60}}]")
+    t = Trainer(cfg)
     t0 = time.perf_counter()
-    with pytest.raises(RewardError, match=r"SlowAfter.*0\.5 s"):
-        Trainer(cfg).run()
-    assert time.perf_counter() - t0 < 3.5 + 4 * 0  # the run did not wait for the reward
+    with pytest.raises(RewardError, match=r"reward 'SlowAfter' did not return within reward.timeout = 2 s"):
+        t.run()
+    assert time.perf_counter() - t0 < 30  # it did not wait for the reward (60 s), nor does the process
     assert checkpointing.read_state(out)["iteration"] == 1 and rows(out) == [0]
 
 
@@ -384,7 +381,7 @@ def test_a_reward_calling_sys_exit_is_a_reward_error(tmp_path):
     [
         ("optim.lr=inf", "optim.lr"),
         ("optim.lr=nan", "optim.lr"),
-        ("algo.tau=inf", "algo.tau"),
+        ("algo.tau=.inf", "algo.tau"),
         ("optim.warmup_iterations=-1", "optim.warmup_iterations"),
         ("algo.adv_eps=-1e-6", "algo.adv_eps"),
         ("optim.betas=[1.0, 0.999]", "optim.betas"),
@@ -557,7 +554,7 @@ def test_kv_fork_refuses_a_leaf_that_requires_grad_on_every_path():
     for name, fn in impls.items():
         c = torch.randn(4, 3, 2).requires_grad_(True)
         before = c.detach().clone()
-        with pytest.raises(ValueError, match="kv_fork_: caches\\[0\\] is a leaf that requires grad") as info:
+        with pytest.raises(ValueError, match="kv_fork_: caches\\[0\\] requires grad") as info:
             fn([c], torch.tensor([0]), torch.tensor([1]), 2)
         assert torch.equal(c.detach(), before), name
         messages.append(str(info.value))
