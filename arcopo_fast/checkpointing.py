@@ -230,6 +230,9 @@ def resolve(path: str | Path) -> Path:
         found = latest(root)
         if found is not None:
             return found
+    if (p / "config.yaml").is_file() or (p / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"no checkpoint found at {p}: the run stopped before its first complete checkpoint; "
+                                "start it again (--overwrite replaces the folder)")
     raise FileNotFoundError(f"no checkpoint found at {p} (expected a run directory, its checkpoints/ or an iter_* folder)")
 
 

@@ -3,8 +3,9 @@ that has imported everything once), with an optional fault injected at a precise
 
     ("kill_in_save", point)       SIGKILL itself inside its first checkpoint save, at `point`:
                                   after_trainable | after_optimizer | before_publish | before_latest | in_prune
-    ("signals", [(step, SIG)...]) send itself SIG just before its step-th optimizer step (1-based): two SIGINTs
-                                  around one step stop it between the two steps of an iteration
+    ("signals", [(step, SIG)...]) send itself SIG just before its step-th training step (1-based; two per
+                                  iteration): SIGINTs before steps 3 and 4 stop it between the two steps of an
+                                  iteration
     ("fsize", row, extra)         after its row-th metrics row, limit the size of any file it writes to the
                                   current size of metrics.jsonl + extra bytes (RLIMIT_FSIZE: writes past it fail
                                   with EFBIG, as on a full disk)
@@ -50,8 +51,8 @@ def _kill_in_save(point: str) -> None:
 
     def rmtree(path, *a, **k):
         if point == "in_prune" and re.fullmatch(r"\.iter_\d+\.old-\d+", os.path.basename(str(path))):
-            for f in sorted(os.listdir(path))[:1]:  # half removed
-                os.remove(os.path.join(path, f))
+            files = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
+            os.remove(os.path.join(path, files[0]))  # half removed
             _kill()
         return real_rmtree(path, *a, **k)
 
@@ -68,6 +69,8 @@ def _signals_at_steps(plan: list[tuple[int, int]]) -> None:
     count = [0]
 
     def step(self, *a, **k):
+        if all(float(g["lr"]) == 0.0 for g in self.param_groups):
+            return real_step(self, *a, **k)  # torch.distributed.checkpoint's state-initialising step on load
         count[0] += 1
         for at, sig in plan:
             if at == count[0]:
