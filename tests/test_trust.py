@@ -559,3 +559,12 @@ def test_kv_fork_refuses_a_leaf_that_requires_grad_on_every_path():
         assert torch.equal(c.detach(), before), name
         messages.append(str(info.value))
     assert len(set(messages)) == 1, messages
+
+
+def test_the_schedule_refuses_a_nan_shift_and_repeated_steps():
+    from arcopo_fast.sampler import FewStepSchedule
+
+    with pytest.raises(ValueError, match="shift"):
+        FewStepSchedule(shift=float("nan"))
+    with pytest.raises(ValueError, match="strictly decrease"):
+        FewStepSchedule(denoising_steps=(1000, 500, 500))
