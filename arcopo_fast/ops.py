@@ -123,8 +123,8 @@ def _check_attention_inputs(q, k, v, k_cache, v_cache, k_prefix, v_prefix, prefi
         if isinstance(length, torch.Tensor):
             if host and length.device.type == "cpu" and length.numel() and bool(((length < 0) | (length > Lmax)).any()):
                 raise ValueError(f"{name}_len values must be in [0, {Lmax}] (k_{name}.shape[1]), got {length.tolist()}")
-        elif not 0 <= int(length) <= Lmax:
-            raise ValueError(f"{name}_len must be in [0, {Lmax}] (k_{name}.shape[1]), got {int(length)}")
+        elif not 0 <= length <= Lmax:  # a python int, or a symbolic one under torch.compile (a guard, no sync)
+            raise ValueError(f"{name}_len must be in [0, {Lmax}] (k_{name}.shape[1]), got {length}")
         if isinstance(rows, torch.Tensor) and host and rows.device.type == "cpu" and rows.numel():
             if bool(((rows < 0) | (rows >= R)).any()):
                 raise ValueError(f"{name}_rows values must be in [0, {R}) (k_{name}.shape[0]), got {rows.tolist()}")

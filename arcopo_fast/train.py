@@ -25,7 +25,15 @@ import sys
 from pathlib import Path
 
 from . import checkpointing
-from .config import PRESETS, TrainConfig, apply_overrides, config_dict, import_strings, load_config, parse_override
+from .config import (
+    PRESETS,
+    TrainConfig,
+    apply_overrides,
+    config_dict,
+    import_strings,
+    load_config,
+    parse_override,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

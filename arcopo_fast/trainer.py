@@ -41,9 +41,9 @@ from .model.config import get_preset
 from .model.kv_cache import CrossKV
 from .model.wan import CausalWanModel
 from .profiling import maybe_profile, nvtx_range
+from .rewards.base import RewardError
 from .rl.loss import group_advantages
 from .rl.replay import ReplayBuffer, weights_digest, write_group, write_index
-from .rewards.base import RewardError
 from .rl.rollout import GroupSample, RolloutEngine
 from .rl.update import group_loss, sample_anchors
 from .sampler import FewStepSchedule, StreamingSampler
@@ -92,9 +92,17 @@ class Trainer:
         self.run_dir = Path(cfg.run.out_dir).expanduser()
         self.allow_pickle = allow_pickle
         self._resume_from = self._resume_checkpoint(resume) if resume else None
+        refused = None
         if self.dist.is_main:
-            self._lock, self._created_dir = checkpointing.claim_run_dir(
-                self.run_dir, resume_from=self._resume_from, overwrite=overwrite)
+            try:
+                self._lock, self._created_dir = checkpointing.claim_run_dir(
+                    self.run_dir, resume_from=self._resume_from, overwrite=overwrite)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after every rank knows
+                refused = e
+        if dist_utils.all_reduce_max(refused is not None, self.device) and refused is None:
+            raise RuntimeError(f"rank 0 could not claim the run folder {self.run_dir} (its error says why)")
+        if refused is not None:
+            raise refused
         self.adapter_name = adapters.ADAPTER_FOR_MODE[cfg.run.mode]
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
         self._stop = False

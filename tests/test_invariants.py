@@ -15,7 +15,7 @@ import pytest
 import torch
 from model_helpers import make_tiny_model
 
-from arcopo_fast import adapters, ops
+from arcopo_fast import ops
 from arcopo_fast.config import load_config
 from arcopo_fast.noise import NoiseKind
 from arcopo_fast.rl.loss import group_advantages

@@ -4,10 +4,11 @@ configs fail before anything is written, the replay buffer is checked, ops refus
 
 from __future__ import annotations
 
+import triton_env  # noqa: F401, I001  # isort: skip  (first: TRITON_INTERPRET=1 before triton is imported)
+
 import json
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from arcopo_fast import checkpointing
+from arcopo_fast import checkpointing, ops
 from arcopo_fast.config import load_config
 from arcopo_fast.metrics import MetricsLogger
 from arcopo_fast.rewards import RewardError
@@ -135,9 +136,10 @@ def test_pickle_refusals_offer_the_cli_flag(tmp_path):
 
 
 def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
+    from model_helpers import make_tiny_model
+
     from arcopo_fast.model.checkpoint import CheckpointError, load_model, save_model
     from arcopo_fast.sample import main as sample_main
-    from model_helpers import make_tiny_model
 
     model = make_tiny_model()
     with torch.no_grad():
@@ -503,7 +505,7 @@ def _attn_inputs(gen=None):
     return q, k, v, kc, vc
 
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton"] if ops.triton_available() else ["torch"]
 
 
 @pytest.mark.parametrize(
@@ -518,10 +520,6 @@ BACKENDS = ["torch", "triton"]
     ],
 )
 def test_chunk_attention_checks_arguments_on_every_backend(case, match):
-    import triton_env  # noqa: F401  (TRITON_INTERPRET=1 for the triton backend on CPU)
-
-    from arcopo_fast import ops
-
     messages = []
     for be in BACKENDS:
         q, k, v, kc, vc = _attn_inputs()
