@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     cfg.run.mode = "on-policy"
     cfg.run.out_dir = str(root / "collect_run")
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
         trainer.collect_buffer(root, cfg.replay.buffer_groups)
     finally:
         distributed.shutdown()

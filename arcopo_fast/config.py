@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -163,6 +164,9 @@ class RewardSection:
     """Decode branch videos chunk by chunk (lower peak memory) instead of whole."""
     async_rewards: bool = True
     """Decode and score a group on a worker thread (a second CUDA stream) while the next group rolls out."""
+    timeout: float | None = 600.0
+    """Seconds the trainer waits for a group's decode + rewards (with async_rewards) before it fails the run
+    with an error naming the reward (a hung reward server); the last checkpoint is kept. None = no limit."""
 
 
 @dataclass(kw_only=True)
@@ -234,9 +238,13 @@ class TrainConfig:
         need(a.group_size >= 2, "algo.group_size", f"must be >= 2 (got {a.group_size}): advantages need a group")
         need(0 < a.perturb_scale < 1, "algo.perturb_scale", f"must be in (0, 1), got {a.perturb_scale}")
         need(1 <= a.num_anchors <= a.group_size, "algo.num_anchors", f"must be in [1, group_size={a.group_size}], got {a.num_anchors}")
-        need(a.clip_eps > 0, "algo.clip_eps", f"must be > 0 (ratio clipping must stay on), got {a.clip_eps}")
-        need(a.tau == "auto" or (isinstance(a.tau, (int, float)) and a.tau > 0), "algo.tau", f"must be 'auto' or a positive number, got {a.tau!r}")
+        need(_positive(a.clip_eps), "algo.clip_eps", f"must be a finite number > 0 (ratio clipping must stay on), got {a.clip_eps}")
+        need(a.tau == "auto" or (_number(a.tau) and _positive(a.tau)), "algo.tau",
+             f"must be 'auto' or a finite positive number, got {a.tau!r}")
         need(a.epochs >= 1, "algo.epochs", f"must be >= 1, got {a.epochs}")
+        need(_positive(a.adv_eps), "algo.adv_eps",
+             f"must be a finite number > 0 (it keeps a group of equal rewards from dividing by zero; a negative one flips advantages), got {a.adv_eps}")
+        need(a.quasi_norm_q is None or _positive(a.quasi_norm_q), "algo.quasi_norm_q", f"must be null or a finite number > 0, got {a.quasi_norm_q}")
         T = len(s.denoising_steps)
         need(a.steps is None or (len(a.steps) > 0 and all(0 <= k < T for k in a.steps) and len(set(a.steps)) == len(a.steps)),
              "algo.steps", f"must be distinct step indices in [0, {T}) or null, got {a.steps}")
@@ -246,6 +254,10 @@ class TrainConfig:
              f"need 0 <= pivot_min ({a.pivot_min}) <= pivot_max ({pmax}) < num_chunks ({s.num_chunks})")
         need(s.latent_height % 2 == 0 and s.latent_width % 2 == 0 and s.latent_height > 0 and s.latent_width > 0,
              "sampler.latent_height/latent_width", f"must be positive and even (2x2 patches), got {s.latent_height}x{s.latent_width}")
+        need(T > 0 and all(0 < t <= 1000 for t in s.denoising_steps) and all(x > y for x, y in zip(s.denoising_steps, s.denoising_steps[1:])),
+             "sampler.denoising_steps", f"must be a non-empty, strictly decreasing list of timesteps in (0, 1000], got {list(s.denoising_steps)}")
+        need(_positive(s.shift), "sampler.shift", f"must be a finite number > 0, got {s.shift}")
+        need(_finite(s.context_noise) and 0 <= s.context_noise < 1000, "sampler.context_noise", f"must be a timestep in [0, 1000), got {s.context_noise}")
         need(s.compile in SAMPLER_COMPILE_MODES, "sampler.compile", f"must be one of {SAMPLER_COMPILE_MODES}, got {s.compile!r}")
         need(s.compile_backend in SAMPLER_COMPILE_BACKENDS, "sampler.compile_backend", f"must be one of {SAMPLER_COMPILE_BACKENDS}, got {s.compile_backend!r}")
         need(r.mode in ("on-policy", "semi-on-policy"), "run.mode", f"must be 'on-policy' or 'semi-on-policy', got {r.mode!r}")
@@ -257,10 +269,20 @@ class TrainConfig:
         need(r.keep_checkpoints >= 1, "run.keep_checkpoints", f"must be >= 1, got {r.keep_checkpoints}")
         need(r.attention_backend in ("auto", "torch", "triton"), "run.attention_backend", f"must be auto/torch/triton, got {r.attention_backend!r}")
         need(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"), "run.device", f"must be auto, cpu or cuda[:N], got {r.device!r}")
-        need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-        need(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {o.grad_clip}")
+        need(0 <= r.seed < 2**63, "run.seed", f"must be in [0, 2**63), got {r.seed}")
+        out = Path(r.out_dir).expanduser()
+        need(bool(r.out_dir) and (out.is_dir() or not out.exists()), "run.out_dir", f"{r.out_dir!r} exists and is not a folder")
+        need(_positive(o.lr), "optim.lr", f"must be a finite number > 0, got {o.lr}")
+        need(len(o.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in o.betas), "optim.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
+        need(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", f"must be a finite number >= 0, got {o.weight_decay}")
+        need(_finite(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip", f"must be a finite number >= 0 (0 disables clipping), got {o.grad_clip}")
+        need(o.warmup_iterations >= 0, "optim.warmup_iterations", f"must be >= 0 (a negative warm-up makes the learning rate negative), got {o.warmup_iterations}")
         need(ad.kind in ("lora", "full"), "adapter.kind", f"must be 'lora' or 'full', got {ad.kind!r}")
-        need(ad.rank >= 1 and ad.alpha > 0, "adapter.rank/alpha", f"must be positive, got {ad.rank}/{ad.alpha}")
+        need(ad.rank >= 1 and _positive(ad.alpha), "adapter.rank/alpha", f"must be positive and finite, got {ad.rank}/{ad.alpha}")
+        try:
+            re.compile(ad.target_modules)
+        except re.error as e:
+            need(False, "adapter.target_modules", f"is not a valid regular expression ({e}): {ad.target_modules!r}")
         need(m.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32 or bfloat16, got {m.dtype!r}")
         need(m.preset in ("tiny", "wan-1.3b"), "model.preset", f"must be 'tiny' or 'wan-1.3b', got {m.preset!r}")
         for key in ("checkpoint", "text_encoder", "vae"):
@@ -270,6 +292,12 @@ class TrainConfig:
              "the tiny random text encoder/VAE only fit the tiny preset: give local paths for real models")
         need(self.data.prompts is None or Path(self.data.prompts).expanduser().is_file(), "data.prompts", f"file {self.data.prompts!r} does not exist")
         need(len(self.reward.rewards) > 0, "reward.rewards", "needs at least one reward")
+        for i, e in enumerate(self.reward.rewards):
+            need(_reward_name_ok(e.name), f"reward.rewards[{i}].name", f"{e.name!r} is neither a built-in reward ({', '.join(sorted(_reward_registry()))}) nor an import string 'package.module:Class'")
+            need(_finite(e.weight), f"reward.rewards[{i}].weight", f"must be a finite number, got {e.weight}")
+            need(e.components is None or all(_finite(w) for w in e.components.values()), f"reward.rewards[{i}].components", f"weights must be finite numbers, got {e.components}")
+        t = self.reward.timeout
+        need(t is None or _positive(t), "reward.timeout", f"must be null (no limit) or a finite number of seconds > 0, got {t}")
         need(self.replay.buffer_groups >= 1 and self.replay.groups_per_iteration >= 1, "replay.buffer_groups/groups_per_iteration", "must be >= 1")
         from .model.vae import COMPILE_MODES, MEMORY_FORMATS, valid_compile
 
@@ -298,6 +326,68 @@ class TrainConfig:
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _finite(x) -> bool:
+    return _number(x) and math.isfinite(x)
+
+
+def _positive(x) -> bool:
+    return _finite(x) and x > 0
+
+
+def _reward_registry() -> dict:
+    from .rewards import REGISTRY  # the package: built-in rewards register there when it is imported
+
+    return REGISTRY
+
+
+def _reward_name_ok(name: str) -> bool:
+    if name in _reward_registry():
+        return True
+    module, sep, attr = name.partition(":")
+    ident = r"[A-Za-z_][A-Za-z0-9_]*"
+    return bool(sep) and re.fullmatch(rf"{ident}(\.{ident})*", module) is not None and re.fullmatch(rf"{ident}(\.{ident})*", attr) is not None
+
+
+# -- what a resume may change, and what it must not ------------------------------------------------------------
+
+# Fields that fix the shape or the meaning of a run's trained state: a resume must keep them (the checkpoint,
+# the noise plan, the data cursor and the replay buffer were made with them).
+RESUME_FIXED = (
+    "model.preset", "model.checkpoint", "model.ema", "model.dtype",
+    "sampler.num_chunks", "sampler.latent_height", "sampler.latent_width", "sampler.denoising_steps", "sampler.shift",
+    "sampler.context_noise",
+    "algo.group_size",
+    "adapter.kind", "adapter.rank", "adapter.alpha", "adapter.target_modules",
+    "run.mode", "run.seed", "run.groups_per_rank",
+)
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def resume_conflicts(stored: dict, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """{field: (checkpoint's value, new value)} for the RESUME_FIXED fields a resumed config changes."""
+    now = json.loads(json.dumps(cfg.to_dict()))
+    stored = json.loads(json.dumps(stored))
+    return {f: (_get(stored, f), _get(now, f)) for f in RESUME_FIXED if _get(stored, f) != _get(now, f)}
+
+
+def import_strings(d: dict) -> set[str]:
+    """The 'module:Class' import strings of a plain config dict (reward names): the parts of a config that
+    import and run code."""
+    rewards = _get(d, "reward.rewards") or []
+    return {e["name"] for e in rewards if isinstance(e, dict) and isinstance(e.get("name"), str) and ":" in e["name"]}
 
 
 def _resolve(tp, owner=None):
@@ -432,6 +522,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def load_config(preset: str = "tiny", config_file: str | None = None, overrides: list[str] = ()) -> TrainConfig:
     """preset, then the YAML/JSON file, then the overrides, in that order."""
+    return TrainConfig.from_dict(config_dict(preset, config_file, overrides))
+
+
+def config_dict(preset: str = "tiny", config_file: str | None = None, overrides: list[str] = ()) -> dict:
+    """The plain (unvalidated) config dict of load_config."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     d = PRESETS[preset]()
@@ -439,11 +534,16 @@ def load_config(preset: str = "tiny", config_file: str | None = None, overrides:
         p = Path(config_file)
         if not p.is_file():
             raise ValueError(f"config file {config_file!r} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {config_file}: not valid YAML ({e})") from None
+        except OSError as e:
+            raise ValueError(f"config file {config_file}: cannot be read ({e})") from None
         if not isinstance(data, dict):
             raise ValueError(f"config file {config_file!r} must hold a mapping of sections")
         _deep_update(d, data)
-    return TrainConfig.from_dict(apply_overrides(d, overrides))
+    return apply_overrides(d, overrides)
 
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:

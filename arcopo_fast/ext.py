@@ -15,7 +15,8 @@ fork), or raises a kernel-image / arch error (built for other archs than the car
 available", "invalid device function"). The op is registered with TORCH_LIBRARY as arcopo_fast::kv_fork_
 and has a fake kernel here, so torch.compile traces it.
 
-Checks (both paths, same ValueError texts, each naming the argument): metadata always (no sync); row
+Checks (both paths, same ValueError texts, each naming the argument): a cache that requires grad (under
+grad mode) is refused: the compiled op writes in place without autograd; metadata always (no sync); row
 values (in range, distinct destinations, no destination is a source) on the host when the index tensors
 are on the CPU. On CUDA they are checked on the device without a sync (device-side asserts, reported at
 the next synchronizing call); ARCOPO_KV_FORK_CHECK=1 adds the host checks there too (a sync: debugging
@@ -140,6 +141,7 @@ def kv_fork_(
     """
     caches = list(caches)
     n_tokens = operator.index(n_tokens)
+    _check_grad(caches)  # the compiled op would write into a graph behind autograd's back
     if _C is not None:
         devs = [t.device for t in (*caches, src_rows, dst_rows) if t.is_cuda]
         device = str(devs[0]) if devs else "cpu"
@@ -206,6 +208,16 @@ _register_reset()
 
 def _fail(msg: str) -> None:
     raise ValueError(f"kv_fork_: {msg}")
+
+
+def _check_grad(caches: list[torch.Tensor]) -> None:
+    if torch.is_grad_enabled():
+        for i, c in enumerate(caches):
+            if c.requires_grad:
+                _fail(
+                    f"caches[{i}] requires grad: the fork is an in-place copy that autograd does not record; fork "
+                    "caches built under torch.no_grad() (or detach them)"
+                )
 
 
 def _check_metadata(
@@ -293,6 +305,7 @@ def kv_fork_torch_(
     scatter per tensor."""
     caches = list(caches)
     n_tokens = operator.index(n_tokens)
+    _check_grad(caches)
     _check_metadata(caches, src_rows, dst_rows, n_tokens)
     if not src_rows.is_cuda:
         _check_row_values(caches, src_rows, dst_rows)

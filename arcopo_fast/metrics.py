@@ -3,7 +3,9 @@ plot of the reward curve, and the run's provenance (git SHA, versions, config)."
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -66,17 +68,38 @@ class MetricsLogger:
             except ImportError:
                 warnings.warn("run.wandb=true but wandb is not installed (pip install wandb): skipped", stacklevel=2)
 
+    def _read_rows(self) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl. A last line cut short (a full disk, a killed process) is dropped with a
+        warning; a damaged line elsewhere raises, naming the file and the line."""
+        if not self.path.is_file():
+            return []
+        lines = self.path.read_text().splitlines()
+        out = []
+        for i, ln in enumerate(lines):
+            if not ln.strip():
+                continue
+            try:
+                out.append(json.loads(ln))
+            except ValueError:
+                if i == len(lines) - 1:
+                    warnings.warn(f"{self.path}: ignoring a damaged last line ({ln[:60]!r}...)", stacklevel=3)
+                    break
+                raise ValueError(f"{self.path}, line {i + 1}: not a JSON row ({ln[:60]!r}...)") from None
+        return out
+
     def truncate(self, iteration: int) -> None:
-        """On resume: drop lines of iterations >= `iteration` (written after the checkpoint we resume)."""
+        """On resume: drop lines of iterations >= `iteration` (written after the checkpoint we resume) and a
+        damaged last line; the file is replaced atomically."""
         if not self.path.is_file():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("iteration", -1) < iteration]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [r for r in self._read_rows() if r.get("iteration", -1) < iteration]
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in keep))
+        os.replace(tmp, self.path)
 
     def log(self, iteration: int, metrics: dict[str, Any]) -> None:
         row = {"iteration": iteration, **metrics}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row, default=float) + "\n")
+        _append_line(self.path, json.dumps(row, default=float) + "\n")
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
             for k, v in scalars.items():
@@ -85,9 +108,7 @@ class MetricsLogger:
             self.wandb.log(scalars, step=iteration)
 
     def history(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        return self._read_rows()
 
     def plot(self, key: str = "reward/mean", out: str = "reward_curve.png") -> Path | None:
         rows = [r for r in self.history() if key in r]
@@ -121,6 +142,24 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line with O_APPEND writes; if a write fails (disk full), cut the file back to where it
+    was, so that no partial line is left behind."""
+    data = memoryview(line.encode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -212,21 +212,39 @@ def _ext():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_attention_inputs(q, k, v, k_cache, v_cache, k_prefix, v_prefix, prefix_rows):
+def _check_attention_inputs(q, k, v, k_cache, v_cache, k_prefix, v_prefix, prefix_rows, cache_len=0, cache_rows=None, prefix_len=0):
+    """The argument checks of chunk_attention, the same for every backend (and so the same messages). Index
+    VALUES (tensor lengths, rows) are checked for CPU tensors only: on CUDA that would be a host sync."""
     if q.ndim != 4:
         raise ValueError(f"q must be [B, Lq, H, D], got shape {tuple(q.shape)}")
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"k and v must match q's shape {tuple(q.shape)}, got {tuple(k.shape)}, {tuple(v.shape)}")
-    for name, (kc, vc) in {"cache": (k_cache, v_cache), "prefix": (k_prefix, v_prefix)}.items():
+    segments = {"cache": (k_cache, v_cache, cache_len, cache_rows), "prefix": (k_prefix, v_prefix, prefix_len, prefix_rows)}
+    for name, (kc, vc, length, rows) in segments.items():
         if (kc is None) != (vc is None):
             raise ValueError(f"k_{name} and v_{name} must be given together")
         if name == "prefix" and kc is not None and prefix_rows is None:
             raise ValueError("prefix_rows (int32 [B]: the parent row of each query row) is required with k_prefix")
-        if kc is not None and (kc.ndim != 4 or kc.shape[2:] != q.shape[2:] or vc.shape != kc.shape):
+        if kc is None:
+            continue
+        if kc.ndim != 4 or kc.shape[2:] != q.shape[2:] or vc.shape != kc.shape:
             raise ValueError(
                 f"k_{name}/v_{name} must be [rows, Lmax, H={q.shape[2]}, D={q.shape[3]}], "
                 f"got {tuple(kc.shape)} and {tuple(vc.shape)}"
             )
+        if torch.is_grad_enabled() and (kc.requires_grad or vc.requires_grad):
+            # a cache with a graph would carry gradients into earlier chunks (the update's prefix is constant)
+            raise ValueError(f"k_{name}/v_{name} are constants here (no gradient); pass them detached")
+        R, Lmax = kc.shape[0], kc.shape[1]
+        host = not torch.compiler.is_compiling()
+        if isinstance(length, torch.Tensor):
+            if host and length.device.type == "cpu" and length.numel() and bool(((length < 0) | (length > Lmax)).any()):
+                raise ValueError(f"{name}_len values must be in [0, {Lmax}] (k_{name}.shape[1]), got {length.tolist()}")
+        elif not 0 <= length <= Lmax:  # a python int, or a symbolic one under torch.compile (a guard, no sync)
+            raise ValueError(f"{name}_len must be in [0, {Lmax}] (k_{name}.shape[1]), got {length}")
+        if isinstance(rows, torch.Tensor) and host and rows.device.type == "cpu" and rows.numel():
+            if bool(((rows < 0) | (rows >= R)).any()):
+                raise ValueError(f"{name}_rows values must be in [0, {R}) (k_{name}.shape[0]), got {rows.tolist()}")
 
 
 def _grad_wanted(*ts: torch.Tensor) -> bool:
@@ -335,13 +353,15 @@ def chunk_attention(
 
         keys of query row b (chunk = Lq tokens, every query sees every key: block-causal by construction)
         |<- k_prefix[prefix_rows[b], :prefix_len] ->|<- k_cache[cache_rows[b], :cache_len] ->|<- k[b] ->|
-    Returns [B, Lq, H, D] in q's dtype.
+    Returns [B, Lq, H, D] in q's dtype. Every backend checks the arguments alike (ValueError): lengths in
+    [0, Lmax], rows in [0, rows) (index values of CPU tensors; CUDA ones are not read on the host), and a
+    cache or prefix that requires grad is refused under grad mode.
 
     fp32 on CUDA: "auto" runs the torch path (SDPA in fp32). The triton backend, when asked for, computes
     fp32 dots as TF32 on the tensor cores (torch's allow_tf32 accuracy), never as an fp32 FMA loop. Same for
     block_causal_attention.
     """
-    _check_attention_inputs(q, k, v, k_cache, v_cache, k_prefix, v_prefix, prefix_rows)
+    _check_attention_inputs(q, k, v, k_cache, v_cache, k_prefix, v_prefix, prefix_rows, cache_len, cache_rows, prefix_len)
     args = (k_cache, v_cache, cache_len, cache_rows, k_prefix, v_prefix, prefix_len, prefix_rows)
     grad = _grad_wanted(q, k, v)
     if k_prefix is not None:

@@ -21,6 +21,8 @@ in-kernel). Nothing here reads device values back to the host: timesteps and sig
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -59,10 +61,10 @@ class FewStepSchedule:
             raise ValueError("denoising_steps must not be empty")
         if any(not 0 < s <= self.num_train_timesteps for s in self.denoising_steps):
             raise ValueError(f"denoising_steps must lie in (0, {self.num_train_timesteps}], got {self.denoising_steps}")
-        if list(self.denoising_steps) != sorted(self.denoising_steps, reverse=True):
-            raise ValueError(f"denoising_steps must decrease, got {self.denoising_steps}")
-        if self.shift <= 0:
-            raise ValueError(f"shift must be positive, got {self.shift}")
+        if any(a <= b for a, b in zip(self.denoising_steps, self.denoising_steps[1:])):
+            raise ValueError(f"denoising_steps must strictly decrease, got {self.denoising_steps}")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"shift must be a finite number > 0, got {self.shift}")
         if not 0 <= self.context_noise < self.num_train_timesteps:
             raise ValueError(f"context_noise must be in [0, {self.num_train_timesteps}), got {self.context_noise}")
 

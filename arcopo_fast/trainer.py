@@ -21,8 +21,10 @@ import hashlib
 import json
 import math
 import os
+import queue
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,15 +34,16 @@ from tqdm import tqdm
 
 from . import adapters, checkpointing, ops
 from . import distributed as dist_utils
-from .config import TrainConfig
+from .config import TrainConfig, resume_conflicts
 from .data import PromptSet
 from .metrics import MetricsLogger, peak_memory_gb, provenance
 from .model.config import get_preset
 from .model.kv_cache import CrossKV
 from .model.wan import CausalWanModel
 from .profiling import maybe_profile, nvtx_range
+from .rewards.base import RewardError
 from .rl.loss import group_advantages
-from .rl.replay import ReplayBuffer, write_group, write_index
+from .rl.replay import ReplayBuffer, weights_digest, write_group, write_index
 from .rl.rollout import GroupSample, RolloutEngine
 from .rl.update import group_loss, sample_anchors
 from .sampler import FewStepSchedule, StreamingSampler
@@ -60,11 +63,46 @@ def _sync(device: torch.device) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: str | bool | None = None):
+    def __init__(self, cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool = False, allow_pickle: bool = False):
+        """resume: True (the latest checkpoint of run.out_dir) or a checkpoint / run folder, which must be
+        run.out_dir's own. overwrite: a fresh run may replace the run in run.out_dir (it is deleted); a
+        resume may continue from an older checkpoint of it (the newer ones are deleted). allow_pickle: load a
+        trusted legacy checkpoint whose files hold pickled objects (unpickling can run code).
+        Claims run.out_dir first (a lock, held until run() ends or close()); when construction fails, what it
+        wrote (the random base weights, a folder it created) is removed again."""
+        self._lock, self._created_dir = None, False
+        try:
+            self._init(cfg, resume=resume, overwrite=overwrite, allow_pickle=allow_pickle)
+        except BaseException:
+            if self._lock is not None and getattr(self, "_resume_from", None) is None:
+                for name in ("base_model.safetensors", "base_model.json"):  # what a fresh construction wrote
+                    (self.run_dir / name).unlink(missing_ok=True)
+            self.close()
+            if self._created_dir:  # nothing of ours may stay behind: only the lock file is left
+                with contextlib.suppress(OSError):
+                    (self.run_dir / checkpointing.LOCK).unlink(missing_ok=True)
+                    self.run_dir.rmdir()
+            raise
+
+    def _init(self, cfg: TrainConfig, *, resume, overwrite: bool, allow_pickle: bool) -> None:
+        cfg.validate()  # fields may have been changed since the config was built
         self.cfg = cfg
         os.environ["ARCOPO_BACKEND"] = cfg.run.attention_backend
         self.dist, self.device = dist_utils.init(cfg.run.device)
         self.run_dir = Path(cfg.run.out_dir).expanduser()
+        self.allow_pickle = allow_pickle
+        self._resume_from = self._resume_checkpoint(resume) if resume else None
+        refused = None
+        if self.dist.is_main:
+            try:
+                self._lock, self._created_dir = checkpointing.claim_run_dir(
+                    self.run_dir, resume_from=self._resume_from, overwrite=overwrite)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after every rank knows
+                refused = e
+        if dist_utils.all_reduce_max(refused is not None, self.device) and refused is None:
+            raise RuntimeError(f"rank 0 could not claim the run folder {self.run_dir} (its error says why)")
+        if refused is not None:
+            raise refused
         self.adapter_name = adapters.ADAPTER_FOR_MODE[cfg.run.mode]
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
         self._stop = False
@@ -104,13 +142,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         self.buffer = self._prepare_buffer() if cfg.run.mode == "semi-on-policy" else None
 
-        if resume:
-            path = self.run_dir if resume is True else resume
-            state = checkpointing.load(path, model=self.model, optimizer=self.optimizer)
+        if self._resume_from is not None:
+            state = checkpointing.load(self._resume_from, model=self.model, optimizer=self.optimizer, allow_pickle=allow_pickle)
             self.start_iteration = int(state["iteration"])
         self.log = None
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
             info = dict(provenance(), backends=ops.describe(self.device), world_size=self.dist.world_size)
             (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
@@ -120,8 +156,30 @@ class Trainer:
                 wandb=cfg.run.wandb,
                 wandb_project=cfg.run.wandb_project,
                 config=cfg.to_dict(),
-                resume_from=self.start_iteration if resume else 0,
+                resume_from=self.start_iteration if resume else None,
             )
+
+    def _resume_checkpoint(self, resume: str | bool) -> Path:
+        """The checkpoint to resume; refuses one of another run folder, or a config that changes the fields
+        a run is made of (config.RESUME_FIXED)."""
+        ckpt = checkpointing.resolve(self.run_dir if resume is True else resume)
+        owner = checkpointing.run_dir_of(ckpt)
+        if owner is not None and owner.resolve() != self.run_dir.resolve():
+            raise ValueError(
+                f"checkpoint {ckpt} belongs to the run folder {owner}, but run.out_dir is {self.run_dir}: a resume "
+                f"continues in the checkpoint's own folder (set run.out_dir={owner}), or copy the folder first")
+        changed = resume_conflicts(checkpointing.read_state(ckpt).get("config", {}), self.cfg)
+        if changed:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"cannot resume {ckpt} with a config that changes what the run is made of ({listed}); "
+                "these fields are fixed for a run: start a new run (another run.out_dir) instead")
+        return ckpt
+
+    def close(self) -> None:
+        """Release the run folder (idempotent; run() does it when it returns)."""
+        if self._lock is not None:
+            self._lock.release()
 
     # -- construction ----------------------------------------------------------------------------------
 
@@ -130,19 +188,21 @@ class Trainer:
         if cfg.model.checkpoint:
             from .model.checkpoint import load_model
 
-            model = load_model(cfg.model.checkpoint, ema=cfg.model.ema, device=self.device, dtype=self.dtype)
+            model = load_model(cfg.model.checkpoint, ema=cfg.model.ema, device=self.device, dtype=self.dtype,
+                               allow_pickle=self.allow_pickle)
         else:
             torch.manual_seed(cfg.run.seed)  # identical random base weights on every rank
             model = CausalWanModel(get_preset(cfg.model.preset)).to(device=self.device, dtype=self.dtype)
         model.requires_grad_(False)
         model.eval()
         model.gradient_checkpointing = cfg.optim.gradient_checkpointing
-        if not cfg.model.checkpoint and self.dist.is_main:
+        base = self.run_dir / "base_model.safetensors"
+        if not cfg.model.checkpoint and self.dist.is_main and not (self._resume_from is not None and base.is_file()):
             # random base weights are part of the run: keep them so adapters can be merged and evaluated
+            # (a resume keeps the file it has; a failed construction removes it again, see __init__)
             from .model.checkpoint import save_model
 
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_model(model, self.run_dir / "base_model.safetensors")
+            save_model(model, base)
         ad = cfg.adapter
         if ad.kind == "lora":
             adapters.add_lora(model, self.adapter_name, rank=ad.rank, alpha=ad.alpha, target_modules=ad.target_modules)
@@ -191,9 +251,20 @@ class Trainer:
             "perturb_scale": a.perturb_scale,
             "tau": a.tau,
             "model_config": dataclasses.asdict(self.model.cfg),
-            "base_checkpoint": self.cfg.model.checkpoint,
+            # the reference policy, by content (not by path): its weights, compute dtype and noise seed
+            "reference_weights": self._reference_weights(),
+            "model_dtype": self.cfg.model.dtype,
+            "seed": self.cfg.run.seed,
         }
         return json.loads(json.dumps(settings))  # as stored in index.json (tuples become lists)
+
+    def _reference_weights(self) -> str:
+        """sha256 of the base (reference) weights' bytes, computed once (a few seconds at 1.3B)."""
+        if getattr(self, "_reference_digest", None) is None:
+            from .model.checkpoint import model_state_dict
+
+            self._reference_digest = weights_digest(model_state_dict(self.model, merge_lora=False))
+        return self._reference_digest
 
     def _prepare_buffer(self) -> ReplayBuffer:
         r = self.cfg.replay
@@ -249,6 +320,17 @@ class Trainer:
 
         return pool.submit(work)
 
+    def _reward_result(self, fut):
+        """A group's (rewards, components), waiting at most reward.timeout seconds (async rewards)."""
+        timeout = self.cfg.reward.timeout if self.cfg.reward.async_rewards else None
+        try:
+            return fut.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            who = getattr(self.reward, "current", None)
+            what = f"reward {who!r}" if who else f"decoding and scoring (rewards {getattr(self.reward, 'labels', '?')})"
+            raise RewardError(f"{what} did not return within reward.timeout = {timeout:g} s (a hung reward server?); "
+                              "the run stops and keeps its last checkpoint") from None
+
     def rollout_groups(self, iteration: int, pool) -> tuple[list[GroupSample], list[CrossKV], dict[str, float]]:
         """On-policy: this rank's groups of the iteration, rolled out and scored."""
         gpr, world, rank = self.cfg.run.groups_per_rank, self.dist.world_size, self.dist.rank
@@ -266,7 +348,7 @@ class Trainer:
         _sync(self.device)
         t1 = time.perf_counter()
         for s, fut in zip(samples, futures):
-            s.rewards, s.components = fut.result()
+            s.rewards, s.components = self._reward_result(fut)
             s.latents = None  # decoded and scored: free it before the update
         if self.device.type == "cuda" and self.cfg.reward.async_rewards:
             torch.cuda.current_stream().wait_stream(self._reward_stream)
@@ -320,6 +402,7 @@ class Trainer:
             # NOTE(sync): one host read per optimizer step, to decide whether the step is applied.
             finite = bool(torch.isfinite(norm) & torch.isfinite(loss_sum))
             if finite:
+                self._torn = True  # until run() counts the iteration as completed
                 self.optimizer.step()
             else:
                 out["skipped_steps"] += 1
@@ -336,20 +419,22 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------------
 
-    def _install_sigint(self):
-        if threading_main():
+    def _install_signal_handlers(self) -> dict:
+        """SIGINT (Ctrl-C) and SIGTERM alike: the first finishes the iteration, writes a checkpoint and ends
+        the run; a second one stops at once (KeyboardInterrupt)."""
+        if not threading_main():
+            return {}
 
-            def handler(signum, frame):
-                if self._stop:  # second Ctrl-C: stop now
-                    signal.signal(signal.SIGINT, signal.default_int_handler)
-                    raise KeyboardInterrupt
-                self._stop = True
-                if self.dist.is_main:
-                    print("\n[arcopo_fast] Ctrl-C: finishing this iteration, writing a checkpoint, then exiting "
-                          "(press Ctrl-C again to stop at once)", flush=True)
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self._stop:  # the second signal: stop now
+                raise KeyboardInterrupt(f"second {name}: stopped at once")
+            self._stop = True
+            if self.dist.is_main:
+                print(f"\n[arcopo_fast] {name}: finishing this iteration, writing a checkpoint, then exiting "
+                      "(send it again to stop at once)", flush=True)
 
-            return signal.signal(signal.SIGINT, handler)
-        return None
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def save(self, iteration: int) -> Path | None:
         name = self.adapter_name
@@ -390,14 +475,21 @@ class Trainer:
         write_contact_sheet(out / f"{tag}.png", video)
 
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         total = cfg.run.iterations
-        old_handler = self._install_sigint()
+        old_handlers = self._install_signal_handlers()
         self._reward_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="arcopo-reward")
+        pool = RewardWorker()
         bar = tqdm(total=total, initial=self.start_iteration, disable=not (cfg.run.progress and self.dist.is_main), desc="AR-CoPO", dynamic_ncols=True)
         last_saved = self.start_iteration
-        completed = self.start_iteration
+        completed = self.start_iteration  # iterations whose update is applied AND whose metrics row is written
+        self._torn = False  # True from an iteration's first optimizer step until it counts as completed
         try:
             if self.start_iteration == 0:
                 self.write_samples("before")
@@ -405,9 +497,10 @@ class Trainer:
                 prof_dir = self.run_dir / "profile" if (cfg.run.profile and it == self.start_iteration + 1 and self.dist.is_main) else None
                 with maybe_profile(prof_dir, name=f"iteration{it}"):
                     metrics = self._iteration(it, pool)
-                completed = it + 1
                 if self.dist.is_main:
                     self.log.log(it, metrics)
+                completed, self._torn = it + 1, False
+                if self.dist.is_main:
                     bar.set_postfix(reward=f"{metrics['reward/mean']:.4f}", clip=f"{metrics['update/clip_frac']:.2f}")
                     bar.update(1)
                 stop = dist_utils.all_reduce_max(self._stop, self.device)
@@ -417,17 +510,20 @@ class Trainer:
                 if stop:
                     break
         except BaseException:
-            # The last checkpoint is never touched by a failure. On one process, also save the state at the
-            # last completed iteration (weights are only changed at the very end of an iteration).
-            if not self.dist.enabled and completed > last_saved:
+            # The last checkpoint is never touched by a failure. On one process, also save the completed
+            # iterations, but only from an iteration boundary: between the optimizer steps of an iteration
+            # (or before its metrics row is written) the weights belong to no iteration, and resuming them
+            # would not continue the run. A signal during this save aborts it (its temporary folder is
+            # removed by the next save).
+            if not self.dist.enabled and completed > last_saved and not self._torn:
                 with contextlib.suppress(Exception):
                     self.save(completed)
             raise
         finally:
             bar.close()
-            pool.shutdown(wait=True)
-            if old_handler is not None:
-                signal.signal(signal.SIGINT, old_handler)
+            pool.shutdown()  # never waits: a reward that hangs must not hold the process
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
         summary = {"run_dir": str(self.run_dir), "iterations": completed, "interrupted": self._stop}
         if self.dist.is_main:
             self.log.plot()
@@ -495,27 +591,59 @@ class Trainer:
         mine = list(range(self.dist.rank, num_groups, self.dist.world_size))
         records = []
         self._reward_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, adapters.adapters_disabled(self.model):
-            pending: list[tuple[GroupSample, Any]] = []
-            for group in tqdm(mine, desc="collect buffer", disable=not self.dist.is_main):
-                prompt = self.prompts.for_group(group)
-                s = self.engine.rollout(self.cross_for(prompt), group=group, pivot=self.pivot_for(group), prompt=prompt, keep_prefix_cache=False)
-                pending.append((s, self._submit_score(pool, s)))
-                while len(pending) > 1:  # keep one group in flight, write the older one
-                    s0, f0 = pending.pop(0)
-                    s0.rewards, s0.components = f0.result()
-                    records.append(write_group(root, s0, store))
-            for s0, f0 in pending:
-                s0.rewards, s0.components = f0.result()
-                records.append(write_group(root, s0, store))
+        pool = RewardWorker()
+        try:
+            with adapters.adapters_disabled(self.model):
+                pending: list[tuple[GroupSample, Any]] = []
+                for group in tqdm(mine, desc="collect buffer", disable=not self.dist.is_main):
+                    prompt = self.prompts.for_group(group)
+                    s = self.engine.rollout(self.cross_for(prompt), group=group, pivot=self.pivot_for(group), prompt=prompt, keep_prefix_cache=False)
+                    pending.append((s, self._submit_score(pool, s)))
+                    while len(pending) > 1:  # keep one group in flight, write the older one
+                        s0, f0 = pending.pop(0)
+                        s0.rewards, s0.components = self._reward_result(f0)
+                        records.append(write_group(root, s0, store, self.cfg.algo.tau))
+                for s0, f0 in pending:
+                    s0.rewards, s0.components = self._reward_result(f0)
+                    records.append(write_group(root, s0, store, self.cfg.algo.tau))
+        finally:
+            pool.shutdown()
         all_records = [r for per_rank in dist_utils.all_gather_objects(records) for r in per_rank]
         if self.dist.is_main:
-            write_index(root, self._buffer_settings(), all_records)
+            info = {"store_dtype": self.cfg.replay.store_dtype, "base_checkpoint": self.cfg.model.checkpoint}
+            write_index(root, dict(self._buffer_settings(), **info), all_records)
         dist_utils.barrier()
         return root
 
 
-def threading_main() -> bool:
-    import threading
+class RewardWorker:
+    """Runs the scoring of groups, in order, on one DAEMON thread: a reward that hangs can be abandoned (the
+    timeout, a second Ctrl-C) without holding the process open, which a ThreadPoolExecutor would."""
 
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="arcopo-reward", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((fut, fn, args))
+        return fut
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fut, fn, args = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - SystemExit too: handed to the waiting thread
+                fut.set_exception(e)
+
+    def shutdown(self) -> None:
+        """Stop after the queued work, without waiting for it."""
+        self._queue.put(None)
+
+
+def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()

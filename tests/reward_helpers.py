@@ -35,3 +35,62 @@ class FailAfter:
         if self.mode == "shape":
             return {"red": r[:1]}
         raise RuntimeError("reward server unavailable")
+
+
+class TouchOnInit:
+    """Creates `path` when constructed: stands in for a reward import string that runs code."""
+
+    def __init__(self, path: str):
+        open(path, "w").close()
+
+    def __call__(self, videos, prompts):
+        return {"red": videos[:, :, 0].mean(dim=(1, 2, 3))}
+
+
+class _AfterCalls(MeanRed):
+    def __init__(self, ok_calls: int = 1):
+        self.ok_calls, self.calls = ok_calls, 0
+
+    def __call__(self, videos, prompts):
+        self.calls += 1
+        if self.calls > self.ok_calls:
+            self.misbehave()
+        return super().__call__(videos, prompts)
+
+
+class SlowAfter(_AfterCalls):
+    """MeanRed for `ok_calls` calls, then sleeps `seconds` before answering (a hung reward server)."""
+
+    def __init__(self, ok_calls: int = 1, seconds: float = 60.0):
+        super().__init__(ok_calls)
+        self.seconds = seconds
+
+    def misbehave(self):
+        import time
+
+        time.sleep(self.seconds)
+
+
+class ExitAfter(_AfterCalls):
+    """MeanRed for `ok_calls` calls, then calls sys.exit(0)."""
+
+    def misbehave(self):
+        import sys
+
+        sys.exit(0)
+
+
+class MeanRedStall(MeanRed):
+    """MeanRed, except that while the file `stall` exists a call first touches `stall + '.hit'` and then
+    hangs for `seconds` (a reward server that stopped answering)."""
+
+    def __init__(self, stall: str = "", seconds: float = 60.0):
+        self.stall, self.seconds = stall, seconds
+
+    def __call__(self, videos, prompts):
+        if self.stall and os.path.exists(self.stall):
+            import time
+
+            open(self.stall + ".hit", "w").close()
+            time.sleep(self.seconds)
+        return super().__call__(videos, prompts)

@@ -84,7 +84,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
 def test_semi_on_policy_trains_the_semi_adapter_from_a_collected_buffer(tmp_path):
     buf = tmp_path / "buffer"
     summary, t = train(tmp_path / "semi", "run.mode=semi-on-policy", f"replay.buffer={buf}", "replay.buffer_groups=3",
-                       "run.iterations=3", "replay.groups_per_iteration=2", "optim.lr=0.5")
+                       "run.iterations=3", "replay.groups_per_iteration=2", "optim.lr=0.5", "algo.pivot_min=1")
     idx = json.loads((buf / "index.json").read_text())
     assert len(idx["groups"]) == 3 and all(len(g["rewards"]) == 4 for g in idx["groups"])
     assert checkpointing.read_state(tmp_path / "semi")["adapter"] == "semi"
@@ -102,12 +102,13 @@ def test_semi_on_policy_trains_the_semi_adapter_from_a_collected_buffer(tmp_path
         ref = t.engine.rebuild_prefix_cache(crosses[0], s.prefix_latents)
     with torch.no_grad():
         tuned = t.engine.rebuild_prefix_cache(crosses[0], s.prefix_latents)
-    if s.pivot > 0:
-        assert torch.equal(s.prefix_cache._s.k[0][:, : s.prefix_cache.length], ref._s.k[0][:, : ref.length])
-        assert not torch.allclose(s.prefix_cache._s.k[0][:, : s.prefix_cache.length], tuned._s.k[0][:, : tuned.length])
+    assert s.pivot > 0  # algo.pivot_min=1: every group has a prefix
+    assert torch.equal(s.prefix_cache._s.k[0][:, : s.prefix_cache.length], ref._s.k[0][:, : ref.length])
+    assert not torch.allclose(s.prefix_cache._s.k[0][:, : s.prefix_cache.length], tuned._s.k[0][:, : tuned.length])
     # a buffer collected with other settings is refused
     with pytest.raises(ValueError, match="other settings"):
-        train(tmp_path / "semi2", "run.mode=semi-on-policy", f"replay.buffer={buf}", "algo.group_size=3", "run.iterations=1")
+        train(tmp_path / "semi2", "run.mode=semi-on-policy", f"replay.buffer={buf}", "algo.group_size=3", "run.iterations=1",
+              "algo.pivot_min=1")
 
 
 def test_merge_writes_w0_plus_semi_plus_scaled_on(tmp_path):
@@ -170,7 +171,7 @@ def test_bad_config_and_missing_checkpoint_errors(tmp_path):
     from arcopo_fast.train import main
 
     assert main(["algo.group_size=1"]) == 2
-    assert main(["--resume", str(tmp_path / "nothing")]) != 0 or True
+    assert main(["--resume", str(tmp_path / "nothing")]) == 2
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpointing.resolve(tmp_path / "nothing")
 

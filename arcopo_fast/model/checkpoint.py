@@ -226,7 +226,7 @@ def _torch_load(path: Path, allow_pickle: bool) -> object:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path} holds objects other than tensors, which torch.load(weights_only=True) refuses; "
-            f"if you trust the file, pass allow_pickle=True ({e})"
+            f"if you trust the file, pass allow_pickle=True (--allow-pickle on the train command line) ({e})"
         ) from e
 
 
@@ -616,6 +616,11 @@ def model_from_state_dict(
     # One copy per tensor (to the target device/dtype, detached from any memory-mapped file), popping the
     # source as we go so that host memory peaks near one copy of the weights, not two.
     sd = {k: (v := sd.pop(k)).to(device=device, dtype=dtype or v.dtype, copy=True) for k in list(sd)}
+    # NOTE(sync): one host read per tensor, once per load: a NaN/inf checkpoint must not sample garbage
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite values (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[:3]}: "
+                              "a diverged or damaged checkpoint")
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
 

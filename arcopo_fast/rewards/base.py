@@ -441,6 +441,7 @@ class CompositeReward:
             if e.components is None and own is not None:
                 e.components = _check_weights(own, f"weights of reward {e.label!r}")
         self.entries = entries
+        self.current: str | None = None  # the label of the reward being called, None between calls
 
     @property
     def labels(self) -> list[str]:
@@ -467,11 +468,12 @@ class CompositeReward:
         total = torch.zeros(batch, dtype=torch.float32, device=device)
         components: dict[str, torch.Tensor] = {}
         for e in self.entries:
+            self.current = e.label  # read by a caller that times the call out, to name the reward
             try:
                 out = e.reward(videos, prompts)
             except RewardError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - any failure inside a reward is reported by name
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - any failure (sys.exit too) is reported by name
                 raise RewardError(f"reward {e.label!r} raised {type(exc).__name__}: {exc}") from exc
             scores = validate_scores(out, e.label, batch)
             weights = e.components if e.components is not None else {k: 1.0 for k in scores}
@@ -486,6 +488,7 @@ class CompositeReward:
                 components[f"{e.label}/{key}"] = value
                 if key in weights and weights[key] != 0.0:
                     total = total + (e.weight * weights[key]) * value
+        self.current = None
         return total, components
 
 

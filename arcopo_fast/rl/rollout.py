@@ -60,13 +60,17 @@ class GroupSample:
         return self.inputs.shape[0]
 
 
-def neighbour_table(x0: torch.Tensor, tau: str | float) -> tuple[torch.Tensor, torch.Tensor]:
-    """For x0 [G, T, ...] (the rollout's predictions): the temperature tau [T] and log pi_old [T, G, G]
-    (row = anchor, column = candidate). tau "auto" = the median off-diagonal distance of the step (project
-    choice; the paper gives no value), fixed at rollout time. Distances are element means, so tau does not
-    depend on the video size."""
+def neighbour_table(x0: torch.Tensor, tau: str | float, anchors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For x0 [G, T, ...] (the rollout's predictions, the candidates): the temperature tau [T] and
+    log pi_old [T, G, G] (row = anchor, column = candidate). The anchors' predictions default to x0 itself;
+    the replay buffer passes the unrounded ones beside rounded candidates. tau "auto" = the median
+    off-diagonal distance of the step (project choice; the paper gives no value), fixed at rollout time.
+    Distances are element means, so tau does not depend on the video size."""
     G, T = x0.shape[:2]
-    dists = torch.stack([ops.neighbour_logprobs(x0[:, k], x0[:, k], 1.0)[0] for k in range(T)])  # [T, G, G]
+    anchors = x0 if anchors is None else anchors
+    if anchors.shape != x0.shape:
+        raise ValueError(f"anchors must match x0's shape {tuple(x0.shape)}, got {tuple(anchors.shape)}")
+    dists = torch.stack([ops.neighbour_logprobs(anchors[:, k], x0[:, k], 1.0)[0] for k in range(T)])  # [T, G, G]
     if tau == "auto":
         off = ~torch.eye(G, dtype=torch.bool, device=dists.device)
         taus = dists[:, off].median(dim=1).values.clamp_min(1e-12)
