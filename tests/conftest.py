@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
+import triton_env  # noqa: F401  (first: TRITON_INTERPRET must be set before anything imports triton)
+
+import pytest  # noqa: E402
 import torch
 from model_helpers import make_tiny_model
 

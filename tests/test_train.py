@@ -219,7 +219,7 @@ def test_sample_and_evaluate_clis(tmp_path):
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_two_rank_gloo_run(tmp_path, kind):
     out = tmp_path / kind
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + (kind == "full")),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port: runs may overlap
            "-m", "arcopo_fast.train", *tiny(out, "run.iterations=2", f"adapter.kind={kind}", "run.device=cpu")]
     res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
