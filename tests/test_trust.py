@@ -148,8 +148,8 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="non-finite"):
         load_model(tmp_path / "nan.safetensors")
     out = tmp_path / "v.mp4"
-    assert sample_main(["--prompt", "a kite", "--checkpoint", str(tmp_path / "nan.safetensors"), "--out", str(out), "--num-chunks", "1",
-                        "--height", "4", "--width", "4"]) != 0
+    assert sample_main(["--prompt", "a kite", "--checkpoint", str(tmp_path / "nan.safetensors"), "--out", str(out), "--num-frames", "9",
+                        "--height", "32", "--width", "32"]) != 0
     assert not out.exists()
 
 

@@ -619,7 +619,7 @@ def model_from_state_dict(
     # NOTE(sync): one host read per tensor, once per load: a NaN/inf checkpoint must not sample garbage
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise CheckpointError(f"{path} holds non-finite values (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[:3]}: "
+        raise CheckpointError(f"{source} holds non-finite values (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[:3]}: "
                               "a diverged or damaged checkpoint")
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
