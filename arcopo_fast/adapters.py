@@ -68,8 +68,11 @@ def save_adapter(model: torch.nn.Module, name: str, out_dir: str | Path, state: 
 
 
 def load_adapter(model: torch.nn.Module, name: str, src_dir: str | Path) -> None:
-    """Load saved adapter weights into the model, injecting the adapter first if it is missing."""
-    src = Path(src_dir)
+    """Load saved adapter weights into the model, injecting the adapter first if it is missing. `src_dir` may
+    go through a checkpoints/latest marker (runs/x/checkpoints/latest/adapter)."""
+    from .checkpointing import expand_latest
+
+    src = expand_latest(src_dir)
     for f in (ADAPTER_FILE, ADAPTER_CONFIG):
         if not (src / f).is_file():
             raise FileNotFoundError(f"adapter folder {src} lacks {f}")

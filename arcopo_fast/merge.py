@@ -12,16 +12,18 @@ Causal-Forcing).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 import torch
 
 from . import adapters, checkpointing
+from . import log as log_setup
 
 
 def adapter_dir(path: str) -> Path:
-    p = Path(path).expanduser()
+    p = checkpointing.expand_latest(path)
     if (p / adapters.ADAPTER_FILE).is_file():
         return p
     return checkpointing.resolve(p) / "adapter"
@@ -54,14 +56,16 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", type=float, default=0.8, help="s, the on-policy adapter's scale (default 0.8)")
     ap.add_argument("--out", required=True, help="output .safetensors")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="output dtype (default: the base's)")
+    log_setup.add_arguments(ap)
     args = ap.parse_args(argv)
+    log_setup.configure_from_args(args)
     try:
         path = merge(args.base, semi=args.semi, on=args.on, scale=args.scale, out=args.out,
                      dtype=getattr(torch, args.dtype) if args.dtype else None)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[arcopo_fast] wrote {path}")
+    logging.getLogger(__name__).info("wrote %s", path)
     return 0
 
 

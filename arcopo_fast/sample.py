@@ -12,15 +12,21 @@ Chunks are decoded as they arrive (on CUDA, overlapped with the next chunk's gen
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
 import torch
+from tqdm import tqdm
 
+from . import log as log_setup
 from .model.vae import COMPILE_MODES as VAE_COMPILE_MODES
 from .model.vae import MEMORY_FORMATS
 from .profiling import maybe_profile
 from .sampler import COMPILE_MODES
+
+
+logger = logging.getLogger(__name__)
 
 
 def parse_adapter(text: str) -> tuple[str, float]:
@@ -57,7 +63,9 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-compile", default=None, choices=[m for m in VAE_COMPILE_MODES if isinstance(m, str)],
                     help="torch.compile the VAE decoder's per-frame step with this mode")
     ap.add_argument("--profile", metavar="DIR", help="write a torch profiler trace of the generation into DIR")
+    log_setup.add_arguments(ap)
     args = ap.parse_args(argv)
+    log_setup.configure_from_args(args)
     if args.num_chunks < 1:
         ap.error("--num-chunks must be >= 1")
 
@@ -83,7 +91,8 @@ def main(argv=None) -> int:
     first = None
     chunks = []
     with maybe_profile(args.profile, name="sample"):
-        for frames in gen.stream_video(args.prompt, num_chunks=args.num_chunks, latent_hw=hw):
+        chunks_in = gen.stream_video(args.prompt, num_chunks=args.num_chunks, latent_hw=hw)
+        for frames in tqdm(chunks_in, total=args.num_chunks, desc="chunks", unit="chunk", disable=not log_setup.progress_enabled()):
             chunks.append(frames.cpu())
             first = first or time.perf_counter() - t0
     video = torch.cat(chunks, dim=1)
@@ -94,10 +103,10 @@ def main(argv=None) -> int:
     for b in range(video.shape[0]):
         out = args.out if video.shape[0] == 1 else args.out.replace(".mp4", f"_{b}.mp4")
         outs.append(write_mp4(out, video[b], fps=args.fps))
-    print(f"[arcopo_fast] {video.shape[0]} x {n} frames {video.shape[-2]}x{video.shape[-1]} in {dt:.2f} s "
-          f"(first chunk {first:.2f} s, {video.shape[0] * n / dt:.1f} FPS end to end)")
+    logger.info(f"{video.shape[0]} x {n} frames {video.shape[-2]}x{video.shape[-1]} in {dt:.2f} s "
+                f"(first chunk {first:.2f} s, {video.shape[0] * n / dt:.1f} FPS end to end)")
     for o in outs:
-        print(f"[arcopo_fast] wrote {o}")
+        logger.info(f"wrote {o}")
     return 0
 
 

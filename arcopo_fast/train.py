@@ -1,4 +1,4 @@
-"""Train a streaming video generator with AR-CoPO.
+r"""Train a streaming video generator with AR-CoPO.
 
     python -m arcopo_fast.train                                    # tiny default: CPU, minutes, reward rises
     python -m arcopo_fast.train --preset self-forcing-1.3b model.checkpoint=ckpts/self_forcing_dmd.pt \
@@ -7,28 +7,28 @@
     python -m arcopo_fast.train --resume runs/tiny run.iterations=120          # continue a run
     python -m arcopo_fast.train run.mode=semi-on-policy replay.buffer=buffers/sf  # semi-on-policy adapter
 
-Overrides are `section.field=value` (see arcopo_fast/config.py for every field and its meaning).
+Overrides are `section.field=value`; every field, its type, value and meaning is listed below.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
-from . import checkpointing
-from .config import PRESETS, TrainConfig, apply_overrides, load_config
+from . import checkpointing, cli
+from . import log as log_setup
+from .config import TrainConfig, apply_overrides, load_config
+
+logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m arcopo_fast.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named configuration (default: tiny)")
-    ap.add_argument("--config", help="a YAML/JSON file with config sections, applied over the preset")
+    ap = cli.config_parser("python -m arcopo_fast.train", __doc__, argv)
     ap.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                     help="continue from the latest checkpoint of run.out_dir, or of PATH (a run dir or checkpoint)")
-    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("--profile", action="store_true", help="same as run.profile=true: a torch profiler trace of iteration 2")
-    ap.add_argument("overrides", nargs="*", help="section.field=value")
     return ap.parse_args(argv)
 
 
@@ -43,6 +43,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    log_setup.configure_from_args(args)
     if args.profile:
         args.overrides.append("run.profile=true")
     try:
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
+        print(cli.config_yaml(cfg), end="")
         return 0
     from . import distributed
     from .trainer import Trainer
@@ -62,10 +63,10 @@ def main(argv=None) -> int:
     finally:
         distributed.shutdown()
     if trainer.dist.is_main:
-        print(f"[arcopo_fast] run directory: {summary['run_dir']}")
+        logger.info("run directory: %s", summary["run_dir"])
         if "reward_first10" in summary:
-            print(f"[arcopo_fast] mean reward, first 10 iterations {summary['reward_first10']:.4f} -> last 10 {summary['reward_last10']:.4f}")
-        print(json.dumps(summary))
+            logger.info("mean reward, first 10 iterations %.4f -> last 10 %.4f", summary["reward_first10"], summary["reward_last10"])
+        print(json.dumps(summary))  # the result, on stdout (machine-readable)
     return 0
 
 

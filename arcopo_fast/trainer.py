@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import random
+import logging
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from tqdm import tqdm
 
 from . import adapters, checkpointing, ops
 from . import distributed as dist_utils
+from . import log as log_setup
 from .config import TrainConfig
 from .data import PromptSet
 from .metrics import MetricsLogger, peak_memory_gb, provenance
@@ -47,6 +51,8 @@ from .sampler import FewStepSchedule, StreamingSampler
 
 EVAL_SAMPLE_ID = 2**31 - 1  # noise id of the before/after sample videos (never a training group)
 
+logger = logging.getLogger(__name__)
+
 
 def derive_seed(*parts: Any) -> int:
     """A 63-bit seed from any tuple of ints/strings (stable across processes, unlike hash())."""
@@ -60,8 +66,15 @@ def _sync(device: torch.device) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: str | bool | None = None):
+    """Trainer(cfg) runs the configured training; `rewards` replaces cfg.reward.rewards with reward objects
+    or functions (each a callable (videos, prompts) -> Tensor[B] | dict of Tensor[B], a RewardSpec, or a
+    config entry; see arcopo_fast.rewards.base). They are recorded in the saved config by import string."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: str | bool | None = None, rewards: Sequence[Any] | None = None):
+        if rewards is not None:
+            cfg = _with_rewards(cfg, rewards)
         self.cfg = cfg
+        self._reward_items = rewards
         os.environ["ARCOPO_BACKEND"] = cfg.run.attention_backend
         self.dist, self.device = dist_utils.init(cfg.run.device)
         self.run_dir = Path(cfg.run.out_dir).expanduser()
@@ -121,6 +134,7 @@ class Trainer:
                 wandb_project=cfg.run.wandb_project,
                 config=cfg.to_dict(),
                 resume_from=self.start_iteration if resume else 0,
+                resuming=bool(resume),
             )
 
     # -- construction ----------------------------------------------------------------------------------
@@ -177,6 +191,8 @@ class Trainer:
     def _build_reward(self):
         from .rewards import CompositeReward
 
+        if self._reward_items is not None:
+            return CompositeReward(list(self._reward_items))
         return CompositeReward([dataclasses.asdict(e) for e in self.cfg.reward.rewards])
 
     def _buffer_settings(self) -> dict[str, Any]:
@@ -345,8 +361,8 @@ class Trainer:
                     raise KeyboardInterrupt
                 self._stop = True
                 if self.dist.is_main:
-                    print("\n[arcopo_fast] Ctrl-C: finishing this iteration, writing a checkpoint, then exiting "
-                          "(press Ctrl-C again to stop at once)", flush=True)
+                    logger.warning("Ctrl-C: finishing this iteration, writing a checkpoint, then exiting "
+                                   "(press Ctrl-C again to stop at once)")
 
             return signal.signal(signal.SIGINT, handler)
         return None
@@ -372,9 +388,10 @@ class Trainer:
             is_main=self.dist.is_main, keep=self.cfg.run.keep_checkpoints, export=export,
         )
 
-    def write_samples(self, tag: str) -> None:
+    def write_samples(self, tag: str, iteration: int) -> None:
         """Rank 0: a sample video of data.eval_prompt with the current weights (tag 'before' runs the base
-        weights: adapters disabled)."""
+        weights: adapters disabled), written to samples/<tag>.mp4 (+ a PNG contact sheet) and sent to the
+        dashboards under 'samples' at step `iteration`."""
         if not (self.cfg.run.sample_videos and self.dist.is_main):
             return
         from .video_io import write_contact_sheet, write_mp4
@@ -386,8 +403,9 @@ class Trainer:
             video = self.vae.decode(lat)[0].float().cpu()
         out = self.run_dir / "samples"
         out.mkdir(exist_ok=True)
-        write_mp4(out / f"{tag}.mp4", video, fps=16)
+        mp4 = write_mp4(out / f"{tag}.mp4", video, fps=16)
         write_contact_sheet(out / f"{tag}.png", video)
+        self.log.log_video("samples", iteration, video, fps=16, mp4=mp4)
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -395,12 +413,13 @@ class Trainer:
         old_handler = self._install_sigint()
         self._reward_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="arcopo-reward")
-        bar = tqdm(total=total, initial=self.start_iteration, disable=not (cfg.run.progress and self.dist.is_main), desc="AR-CoPO", dynamic_ncols=True)
+        show = cfg.run.progress and self.dist.is_main and log_setup.progress_enabled()
+        bar = tqdm(total=total, initial=self.start_iteration, disable=not show, desc="AR-CoPO", dynamic_ncols=True)
         last_saved = self.start_iteration
         completed = self.start_iteration
         try:
             if self.start_iteration == 0:
-                self.write_samples("before")
+                self.write_samples("before", 0)
             for it in range(self.start_iteration, total):
                 prof_dir = self.run_dir / "profile" if (cfg.run.profile and it == self.start_iteration + 1 and self.dist.is_main) else None
                 with maybe_profile(prof_dir, name=f"iteration{it}"):
@@ -416,6 +435,9 @@ class Trainer:
                     last_saved = completed
                 if stop:
                     break
+                every = cfg.run.sample_every
+                if every and completed % every == 0 and completed < total:
+                    self.write_samples(f"iter_{completed:06d}", completed)
         except BaseException:
             # The last checkpoint is never touched by a failure. On one process, also save the state at the
             # last completed iteration (weights are only changed at the very end of an iteration).
@@ -432,7 +454,7 @@ class Trainer:
         if self.dist.is_main:
             self.log.plot()
             if completed == total:
-                self.write_samples("after")
+                self.write_samples("after", completed)
             hist = self.log.history()
             rewards = [r["reward/mean"] for r in hist]
             if len(rewards) >= 20:
@@ -497,7 +519,7 @@ class Trainer:
         self._reward_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, adapters.adapters_disabled(self.model):
             pending: list[tuple[GroupSample, Any]] = []
-            for group in tqdm(mine, desc="collect buffer", disable=not self.dist.is_main):
+            for group in tqdm(mine, desc="collect buffer", disable=not (self.dist.is_main and log_setup.progress_enabled())):
                 prompt = self.prompts.for_group(group)
                 s = self.engine.rollout(self.cross_for(prompt), group=group, pivot=self.pivot_for(group), prompt=prompt, keep_prefix_cache=False)
                 pending.append((s, self._submit_score(pool, s)))
@@ -513,6 +535,23 @@ class Trainer:
             write_index(root, self._buffer_settings(), all_records)
         dist_utils.barrier()
         return root
+
+
+def _with_rewards(cfg: TrainConfig, items: Sequence[Any]) -> TrainConfig:
+    """A copy of cfg whose reward.rewards records `items` (built reward objects are recorded by import
+    string, so config.yaml and the checkpoints say what was trained on)."""
+    from .config import RewardEntry
+    from .rewards import RewardSpec
+
+    if isinstance(items, (str, dict)) or callable(items) or not items:
+        raise ValueError("Trainer(rewards=...) takes a non-empty list of rewards (callables, RewardSpecs or config entries)")
+    entries = []
+    for item in items:
+        spec = RewardSpec.from_config(item)
+        entries.append(RewardEntry(**spec.to_config()))
+    cfg = copy.deepcopy(cfg)
+    cfg.reward.rewards = entries
+    return cfg
 
 
 def threading_main() -> bool:
