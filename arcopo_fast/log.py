@@ -76,6 +76,8 @@ def configure(level: str | int = "info", *, quiet: bool = False, stream=None) ->
         level = getattr(logging, level.upper())
     if quiet or _rank() != 0:
         level = max(level, logging.WARNING)
+    if quiet:
+        _quiet_libraries()
     handler = _TqdmHandler(stream)
     handler.setFormatter(_Formatter())
     logging.captureWarnings(True)
@@ -86,6 +88,22 @@ def configure(level: str | int = "info", *, quiet: bool = False, stream=None) ->
         logger.addHandler(handler)
         logger.setLevel(level)
     return logging.getLogger(ROOT)
+
+
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+"""What --quiet sets for the Hugging Face libraries (read when they are imported): errors only, no bars."""
+
+
+def _quiet_libraries() -> None:
+    """transformers / diffusers log and draw loading bars on their own: errors only, no bars. Environment
+    variables cover a later import; the libraries' own switches cover an earlier one."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in ("transformers", "diffusers"):
+        mod = sys.modules.get(f"{name}.utils.logging")
+        if mod is not None:
+            mod.set_verbosity_error()
+            mod.disable_progress_bar()
 
 
 def progress_enabled() -> bool:

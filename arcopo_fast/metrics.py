@@ -14,6 +14,7 @@ import logging
 import platform
 import subprocess
 import sys
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -78,17 +79,17 @@ class MetricsLogger:
             except ImportError:
                 warnings.warn("run.wandb=true but wandb is not installed (pip install wandb): skipped", stacklevel=2)
             else:
-                self.wandb = wb.init(project=wandb_project, dir=str(self.run_dir), config=config, id=self._wandb_id(wb, resuming),
+                self.wandb = wb.init(project=wandb_project, dir=str(self.run_dir), config=config, id=self._wandb_id(resuming),
                                      resume="allow")
                 logger.info("W&B run %s (id %s)", getattr(self.wandb, "name", ""), self.wandb.id)
 
-    def _wandb_id(self, wb, resuming: bool) -> str:
+    def _wandb_id(self, resuming: bool) -> str:
         """The id of this run's W&B run: the saved one when resuming, else a new one (saved before init, so
         that even a run that dies during its first iteration is continued by --resume)."""
         path = self.run_dir / WANDB_ID_FILE
         if resuming and path.is_file() and path.read_text().strip():
             return path.read_text().strip()
-        run_id = wb.util.generate_id()
+        run_id = uuid.uuid4().hex[:12]  # W&B accepts any unique [a-z0-9] id
         path.write_text(run_id + "\n")
         return run_id
 
