@@ -56,7 +56,7 @@ def _type_name(f: dataclasses.Field) -> str:
 
 def _value_text(value: Any) -> str:
     """A value as it is written after `section.field=` (YAML flow style)."""
-    text = yaml.safe_dump(json.loads(json.dumps(value)), default_flow_style=True, width=10**6).strip()
+    text = yaml.safe_dump(json.loads(json.dumps(value)), default_flow_style=True, width=10**6, sort_keys=False).strip()
     return text.removesuffix("\n...").strip()
 
 
@@ -121,9 +121,10 @@ def config_reference(preset: str = "tiny") -> str:
             lines += _entry_lines(f"{sec.name}.{f.name}", f, values[sec.name][f.name], defaults[f.name], docs)
             if cls.__name__ == "RewardSection" and f.name == "rewards":
                 entry_docs = field_docs(RewardEntry)
+                entry_defaults = _defaults(RewardEntry)
                 for ef in dataclasses.fields(RewardEntry):
-                    d = None if ef.default is dataclasses.MISSING and ef.default_factory is dataclasses.MISSING else _defaults(RewardEntry)[ef.name]
-                    head = f"    reward.rewards[].{ef.name}: {_type_name(ef)}" + ("" if d is None else f" = {_value_text(d)}")
+                    d = f" = {_value_text(entry_defaults[ef.name])}" if ef.name in entry_defaults else " (required)"
+                    head = f"    reward.rewards[].{ef.name}: {_type_name(ef)}{d}"
                     lines.append(head)
                     if entry_docs.get(ef.name):
                         lines += textwrap.wrap(" ".join(entry_docs[ef.name].split()), WIDTH, break_on_hyphens=False, initial_indent=" " * 8, subsequent_indent=" " * 8)

@@ -154,11 +154,12 @@ class RewardEntry:
     """One reward (arcopo_fast.rewards.RewardSpec)."""
 
     name: str
-    """A built-in reward name (arcopo_fast.rewards.REGISTRY) or a 'module:Class' import string."""
+    """A built-in reward name (arcopo_fast.rewards.REGISTRY), or an import string 'module:Class' (built with
+    `kwargs`) or 'module:function' (a function (videos, prompts) -> Tensor[B] or dict, called with `kwargs`)."""
     weight: float = 1.0
     """Multiplies the reward's weighted components in the total."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """Constructor arguments (e.g. a weights path)."""
+    """Constructor arguments of a class (e.g. a weights path), or extra keyword arguments of a function."""
     components: dict[str, float] | None = None
     """Component weights (e.g. {TA: 1.0} trains on VideoAlign's text alignment only); others are logged."""
     label: str | None = None
