@@ -117,6 +117,8 @@ def test_print_config_is_yaml_that_config_reads_back(tmp_path, capsys):
                  "reward.rewards=[{name: color, weight: 2.0, kwargs: {target: [1, 0, 0]}}]"]  # fmt: skip
     assert train_main(["--print-config", *overrides]) == 0
     text = capsys.readouterr().out
+    load_config("tiny", None, overrides).save(tmp_path / "saved.yaml")
+    assert text == (tmp_path / "saved.yaml").read_text()  # the YAML a run saves as config.yaml, not JSON
     data = yaml.safe_load(text)
     assert data["algo"]["group_size"] == 6 and data["reward"]["rewards"][0]["kwargs"] == {"target": [1, 0, 0]}
     (tmp_path / "run.yaml").write_text(text)
@@ -278,3 +280,26 @@ def test_real_size_presets_refuse_random_weights(tmp_path):
     (tmp_path / "sf.pt").write_bytes(b"")
     load_config("self-forcing-1.3b", None, [*paths, f"model.checkpoint={tmp_path / 'sf.pt'}"])
     load_config("tiny")  # the tiny preset is random by design
+
+
+def test_latest_marker_works_as_a_path_to_a_checkpoint_or_its_adapter(tmp_path):
+    """<run>/checkpoints/latest is a file naming the newest checkpoint; the README's
+    `.../checkpoints/latest/adapter` and merge's `--on .../checkpoints/latest` resolve through it."""
+    from model_helpers import make_tiny_model
+
+    from arcopo_fast import adapters
+    from arcopo_fast.merge import adapter_dir
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    model = make_tiny_model()
+    adapters.add_lora(model, "on", rank=2, alpha=4, target_modules=load_config().adapter.target_modules)
+    adapters.save_adapter(model, "on", ckpts / "iter_000003" / "adapter")
+    (ckpts / "iter_000003" / "state.json").write_text('{"iteration": 3}')
+    (ckpts / "latest").write_text("iter_000003")
+    assert checkpointing.expand_latest(ckpts / "latest" / "adapter") == ckpts / "iter_000003" / "adapter"
+    assert checkpointing.resolve(ckpts / "latest") == ckpts / "iter_000003"
+    assert adapter_dir(str(ckpts / "latest")) == adapter_dir(str(ckpts / "latest" / "adapter")) == ckpts / "iter_000003" / "adapter"
+    adapters.load_adapter(make_tiny_model(), "on", ckpts / "latest" / "adapter")
+    (ckpts / "latest").write_text("../elsewhere")
+    with pytest.raises(ValueError, match="does not name a checkpoint folder"):
+        checkpointing.expand_latest(ckpts / "latest" / "adapter")
