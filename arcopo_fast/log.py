@@ -107,8 +107,10 @@ def _quiet_libraries() -> None:
 
 
 def progress_enabled() -> bool:
-    """Whether progress bars should be drawn: INFO is enabled for the package (not --quiet)."""
-    return logging.getLogger(ROOT).isEnabledFor(logging.INFO)
+    """Whether progress bars should be drawn: unless the `arcopo_fast` logger was given a level above INFO
+    (--quiet, --log-level warning, or the application's own set-up). Unconfigured: yes."""
+    logger = logging.getLogger(ROOT)
+    return logger.level == logging.NOTSET or logger.isEnabledFor(logging.INFO)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,6 @@ from .model.vae import MEMORY_FORMATS
 from .profiling import maybe_profile
 from .sampler import COMPILE_MODES
 
-
 logger = logging.getLogger(__name__)
 
 

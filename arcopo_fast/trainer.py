@@ -20,10 +20,10 @@ import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import random
-import logging
 import signal
 import time
 from collections.abc import Sequence

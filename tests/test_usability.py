@@ -16,7 +16,6 @@ from pathlib import Path
 
 import diffusers  # noqa: F401 - imported here, outside capsys: their log handlers keep the session's stderr
 import pytest
-import torch
 import transformers  # noqa: F401
 import yaml
 

@@ -17,8 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from arcopo_fast.rewards import CompositeReward, MissingWeightsError
-from arcopo_fast.rewards import videoalign
+from arcopo_fast.rewards import CompositeReward, MissingWeightsError, videoalign
 from arcopo_fast.rewards.videoalign import (
     SPECIAL_TOKENS,
     VideoAlign,
