@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from . import log
-from .config import PRESETS, RewardEntry, TrainConfig, _deep_update
+from .config import DEFAULT_PRESET, PRESETS, RewardEntry, TrainConfig, _deep_update
 
 WIDTH = 110
 
@@ -105,7 +105,7 @@ def _unvalidated_default() -> TrainConfig:
     return cfg
 
 
-def config_reference(preset: str = "tiny") -> str:
+def config_reference(preset: str = DEFAULT_PRESET) -> str:
     """Every config field: `section.field: type = value (under the preset)`, its field default when the
     preset changes it, and its docstring. Reward entries are listed as reward.rewards[].<key>."""
     values = preset_values(preset)
@@ -138,9 +138,9 @@ def config_yaml(cfg: TrainConfig) -> str:
 
 def _preset_of(argv: list[str] | None) -> str:
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="tiny")
+    pre.add_argument("--preset", default=DEFAULT_PRESET)
     known, _ = pre.parse_known_args(argv)
-    return known.preset if known.preset in PRESETS else "tiny"
+    return known.preset if known.preset in PRESETS else DEFAULT_PRESET
 
 
 def config_parser(prog: str, doc: str | None, argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -153,7 +153,7 @@ def config_parser(prog: str, doc: str | None, argv: list[str] | None = None) -> 
         epilog=config_reference(_preset_of(argv)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named configuration (default: tiny)")
+    ap.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"named configuration (default: {DEFAULT_PRESET})")
     ap.add_argument("--config", metavar="FILE", help="a YAML/JSON file with config sections, applied over the preset")
     ap.add_argument("--print-config", action="store_true",
                     help="print the resolved config as YAML (readable by --config) and exit")

@@ -427,6 +427,8 @@ def preset_self_forcing_13b() -> dict:
 
 
 PRESETS = {"tiny": preset_tiny, "self-forcing-1.3b": preset_self_forcing_13b}
+DEFAULT_PRESET = "tiny"
+"""The preset of a command line without --preset (the embedded default run)."""
 
 
 def _deep_update(base: dict, new: dict) -> dict:
@@ -456,7 +458,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def load_config(preset: str = "tiny", config_file: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(preset: str = DEFAULT_PRESET, config_file: str | None = None, overrides: list[str] = ()) -> TrainConfig:
     """preset, then the YAML/JSON file, then the overrides, in that order."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")

@@ -21,7 +21,7 @@ import yaml
 
 from arcopo_fast import checkpointing, cli
 from arcopo_fast import log as log_setup
-from arcopo_fast.config import RewardEntry, TrainConfig, load_config
+from arcopo_fast.config import DEFAULT_PRESET, RewardEntry, TrainConfig, load_config
 
 ENTRY_POINTS = ("train", "collect", "sample", "evaluate", "merge")
 TINY = [
@@ -71,7 +71,9 @@ def _redirect_stdout(buf):
 
 def test_train_help_lists_every_field_with_type_value_and_docstring():
     text = _help("train")
-    assert "  algo.group_size: int = 8   (field default 12)\n      G: branches forked per group." in text
+    g = cli.preset_values(DEFAULT_PRESET)["algo"]["group_size"]
+    note = "" if g == 12 else "   (field default 12)"
+    assert f"  algo.group_size: int = {g}{note}\n      G: branches forked per group." in text
     hints = typing.get_type_hints(TrainConfig)
     for sec in dataclasses.fields(TrainConfig):
         docs = cli.field_docs(hints[sec.name])
@@ -116,12 +118,12 @@ def test_print_config_is_yaml_that_config_reads_back(tmp_path, capsys):
                  "reward.rewards=[{name: color, weight: 2.0, kwargs: {target: [1, 0, 0]}}]"]  # fmt: skip
     assert train_main(["--print-config", *overrides]) == 0
     text = capsys.readouterr().out
-    load_config("tiny", None, overrides).save(tmp_path / "saved.yaml")
+    load_config(DEFAULT_PRESET, None, overrides).save(tmp_path / "saved.yaml")
     assert text == (tmp_path / "saved.yaml").read_text()  # the YAML a run saves as config.yaml, not JSON
     data = yaml.safe_load(text)
     assert data["algo"]["group_size"] == 6 and data["reward"]["rewards"][0]["kwargs"] == {"target": [1, 0, 0]}
     (tmp_path / "run.yaml").write_text(text)
-    assert load_config("tiny", str(tmp_path / "run.yaml")).to_dict() == load_config("tiny", None, overrides).to_dict()
+    assert load_config(DEFAULT_PRESET, str(tmp_path / "run.yaml")).to_dict() == load_config(DEFAULT_PRESET, None, overrides).to_dict()
     assert collect_main(["--print-config", "--config", str(tmp_path / "run.yaml")]) == 0
     assert capsys.readouterr().out == text  # collect resolves the same config, printed the same way
 
@@ -190,7 +192,7 @@ def test_two_iteration_training_with_a_module_function_reward(tmp_path, capsys):
 
     out = tmp_path / "fn"
     rewards = "reward.rewards=[{name: 'reward_helpers:redness'}, {name: 'reward_helpers:scaled_red', weight: 0.5, kwargs: {gain: 2.0}}]"
-    assert main([*TINY, rewards, "run.iterations=2", "run.sample_videos=false", f"run.out_dir={out}"]) == 0
+    assert main(["--preset", "tiny", *TINY, rewards, "run.iterations=2", "run.sample_videos=false", f"run.out_dir={out}"]) == 0
     err = capsys.readouterr().err
     assert f"[arcopo_fast] run directory: {out}" in err
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
