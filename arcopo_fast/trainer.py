@@ -68,7 +68,9 @@ def _sync(device: torch.device) -> None:
 class Trainer:
     """Trainer(cfg) runs the configured training; `rewards` replaces cfg.reward.rewards with reward objects
     or functions (each a callable (videos, prompts) -> Tensor[B] | dict of Tensor[B], a RewardSpec, or a
-    config entry; see arcopo_fast.rewards.base). They are recorded in the saved config by import string."""
+    config entry; see arcopo_fast.rewards.base). They are recorded in the saved config by import string, so
+    that `python -m arcopo_fast.train --resume` can rebuild them (a class with its default arguments); to
+    resume from Python with the same objects, pass the same `rewards`."""
 
     def __init__(self, cfg: TrainConfig, *, resume: str | bool | None = None, rewards: Sequence[Any] | None = None):
         if rewards is not None:
