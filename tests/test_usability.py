@@ -214,7 +214,6 @@ def _wandb_run_dirs(out: Path) -> list[Path]:
     return sorted((out / "wandb").glob("offline-run-*"))
 
 
-@pytest.mark.slow
 def test_trainer_reward_objects_dashboard_videos_wandb_resume_and_latest(tmp_path, monkeypatch):
     """Trainer(cfg, rewards=[function, object]) trains and records them; TensorBoard gets GIF sample videos
     (before, every N, after) read back from the event files; W&B (offline) gets the mp4s, and a resumed run
