@@ -116,7 +116,7 @@ def resolve_adapter_dir(path: str | Path) -> Path:
     latest checkpoint's adapter/)."""
     from . import checkpointing
 
-    p = Path(path).expanduser()
+    p = checkpointing.expand_latest(path)  # runs/x/checkpoints/latest[/adapter] works as a path
     if (p / ADAPTER_FILE).is_file():
         return p
     return checkpointing.resolve(p) / "adapter"
@@ -133,8 +133,11 @@ def activate(model: torch.nn.Module, scales: dict[str, float]) -> None:
 
 
 def load_adapter(model: torch.nn.Module, name: str, src_dir: str | Path) -> None:
-    """Load saved adapter weights into the model, injecting the adapter first if it is missing."""
-    src = Path(src_dir)
+    """Load saved adapter weights into the model, injecting the adapter first if it is missing. `src_dir` may
+    go through a checkpoints/latest marker (runs/x/checkpoints/latest/adapter)."""
+    from .checkpointing import expand_latest
+
+    src = expand_latest(src_dir)
     cfg, state = read_adapter(src)
     if not any(name in m.lora_A for m in lora_layers(model)):
         add_lora(model, name, rank=cfg.r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules)

@@ -221,9 +221,25 @@ def latest(ckpt_root: str | Path) -> Path | None:
     return found[-1]
 
 
-def resolve(path: str | Path) -> Path:
-    """A checkpoint folder from a checkpoint folder, a checkpoints/ folder or a run directory."""
+def expand_latest(path: str | Path) -> Path:
+    """`path` with each component that is a `latest` marker file replaced by the checkpoint it names, so that
+    <run>/checkpoints/latest/adapter works wherever a checkpoint or adapter folder is taken."""
     p = Path(path).expanduser()
+    out = Path()
+    for part in p.parts:  # the first part of an absolute path is its root ("/")
+        out = out / part
+        if part == LATEST and out.is_file():
+            name = out.read_text().strip()
+            if not name or "/" in name or name.startswith("."):
+                raise ValueError(f"{out} does not name a checkpoint folder (content {name!r})")
+            out = out.parent / name
+    return out
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder from a checkpoint folder, a checkpoints/ folder, a run directory, or
+    <checkpoints>/latest."""
+    p = expand_latest(path)
     if (p / "state.json").is_file():
         return p
     for root in (p, p / CHECKPOINTS):

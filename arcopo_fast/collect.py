@@ -10,20 +10,39 @@ replay.buffer does not exist yet.
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
 from pathlib import Path
 
+from . import cli
+from . import log as log_setup
 from .config import load_config
-from .train import parse_args
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = cli.config_parser("python -m arcopo_fast.collect", __doc__, argv)
+    ap.add_argument("--overwrite", action="store_true",
+                    help="collect again into a buffer folder that already holds a collection (it is replaced)")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="load a TRUSTED legacy model.checkpoint holding pickled Python objects (unpickling runs "
+                         "code, so never use it on files from elsewhere)")
+    return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    log_setup.configure_from_args(args)
     try:
         cfg = load_config(args.preset, args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(cli.config_yaml(cfg), end="")
+        return 0
     from . import distributed
     from .trainer import Trainer
 
@@ -38,7 +57,7 @@ def main(argv=None) -> int:
     finally:
         distributed.shutdown()
     if trainer.dist.is_main:
-        print(f"[arcopo_fast] replay buffer: {root} ({cfg.replay.buffer_groups} groups)")
+        logger.info("replay buffer: %s (%d groups)", root, cfg.replay.buffer_groups)
     return 0
 
 

@@ -23,6 +23,9 @@ import yaml
 from .sampler import COMPILE_BACKENDS as SAMPLER_COMPILE_BACKENDS
 from .sampler import COMPILE_MODES as SAMPLER_COMPILE_MODES
 
+REAL_SIZE_PRESETS = ("wan-1.3b",)
+"""Model presets that are refused random weights unless model.allow_random_init=true."""
+
 
 @dataclass(kw_only=True)
 class ModelSection:
@@ -32,6 +35,9 @@ class ModelSection:
     checkpoint: str | None = None
     """Base weights: Self-Forcing .pt, Wan2.1 .safetensors/.pth, a diffusers folder, or ours. None = random
     init (the tiny default)."""
+    allow_random_init: bool = False
+    """Let a real-size preset (wan-1.3b) start from random weights when no checkpoint is given (benchmarks,
+    smoke tests). Off: such a run is refused, it would train noise for hours."""
     ema: bool = True
     """For Self-Forcing .pt files: load generator_ema (True) or generator (False)."""
     dtype: str = "float32"
@@ -108,7 +114,9 @@ class OptimSection:
     lr: float = 1e-5
     """AdamW learning rate (paper: 1e-5 with LoRA 64/128 at 1.3B)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2)."""
     weight_decay: float = 0.0
+    """AdamW decoupled weight decay (of the trainable parameters: the LoRA factors)."""
     grad_clip: float = 1.0
     """Max global gradient norm (0 disables clipping)."""
     warmup_iterations: int = 0
@@ -126,7 +134,9 @@ class AdapterSection:
     the cross-attention k/v receive no gradient: a prompt's cross-attention K/V are computed once, without
     gradients, and shared by the rollout and the update."""
     rank: int = 64
+    """LoRA rank r (paper: 64 at 1.3B)."""
     alpha: float = 128.0
+    """LoRA alpha: the update is scaled by alpha / rank (paper: 128)."""
     target_modules: str = r".*\.(self_attn\.(q|k|v|o)|cross_attn\.(q|o)|ffn\.(0|2))$"
     """Regex of the Linear layers that get LoRA factors. The cross-attention k/v are excluded so that a
     prompt's cross-attention K/V are computed once and shared by rollout and update."""
@@ -145,11 +155,12 @@ class RewardEntry:
     """One reward (arcopo_fast.rewards.RewardSpec)."""
 
     name: str
-    """A built-in reward name (arcopo_fast.rewards.REGISTRY) or a 'module:Class' import string."""
+    """A built-in reward name (arcopo_fast.rewards.REGISTRY), or an import string 'module:Class' (built with
+    `kwargs`) or 'module:function' (a function (videos, prompts) -> Tensor[B] or dict, called with `kwargs`)."""
     weight: float = 1.0
     """Multiplies the reward's weighted components in the total."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """Constructor arguments (e.g. a weights path)."""
+    """Constructor arguments of a class (e.g. a weights path), or extra keyword arguments of a function."""
     components: dict[str, float] | None = None
     """Component weights (e.g. {TA: 1.0} trains on VideoAlign's text alignment only); others are logged."""
     label: str | None = None
@@ -174,6 +185,7 @@ class RunSection:
     mode: str = "on-policy"
     """'on-policy' (adapter 'on') or 'semi-on-policy' (adapter 'semi', trained from the replay buffer)."""
     iterations: int = 100
+    """Training iterations (one rollout + reward + `algo.epochs` updates each); a resume may raise it."""
     groups_per_rank: int = 1
     """Groups (prompts) rolled out by each rank per iteration."""
     micro_batch: int = 12
@@ -181,23 +193,33 @@ class RunSection:
     fork: str = "copy"
     """KV fork: 'copy' (in-place C++ op) or 'zero_copy' (branches read the shared prefix)."""
     seed: int = 0
+    """Seed of the noise plan, pivots, anchors and a random base model."""
     out_dir: str = "runs/arcopo"
     """Run directory: checkpoints, metrics.jsonl, plots, sample videos, config."""
     checkpoint_every: int = 10
     """Iterations between checkpoints (a checkpoint is also written at the end and on Ctrl-C)."""
     keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk (older ones are deleted once a new one is complete)."""
     device: str = "auto"
     """'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'."""
     attention_backend: str = "auto"
     """ops backend: auto / torch / triton."""
     tensorboard: bool = False
+    """Also log metrics and sample videos to TensorBoard (<out_dir>/tensorboard; needs `tensorboard`)."""
     wandb: bool = False
+    """Also log metrics and sample videos to Weights & Biases (needs `wandb`; WANDB_MODE=offline works). The
+    W&B run id is kept in <out_dir>/wandb_run_id, so a --resume continues the same W&B run."""
     wandb_project: str = "arcopo_fast"
+    """W&B project name."""
     profile: bool = False
     """Record a torch profiler trace of iteration 2 into <out_dir>/profile."""
     sample_videos: bool = True
-    """Write before/after sample videos (mp4) of data.eval_prompt into the run directory."""
+    """Write before/after sample videos (mp4) of data.eval_prompt into the run directory (and to
+    TensorBoard / W&B when they are on)."""
+    sample_every: int = 0
+    """Also write a sample video every N iterations (0 = before and after only)."""
     progress: bool = True
+    """Draw a progress bar (also hidden by --quiet)."""
 
 
 @dataclass(kw_only=True)
@@ -290,6 +312,10 @@ class TrainConfig:
             need(p is None or Path(p).expanduser().exists(), f"model.{key}", f"path {p!r} does not exist")
         need(m.preset == "tiny" or (m.text_encoder and m.vae), "model.text_encoder/vae",
              "the tiny random text encoder/VAE only fit the tiny preset: give local paths for real models")
+        need(m.preset not in REAL_SIZE_PRESETS or m.checkpoint is not None or m.allow_random_init, "model.checkpoint",
+             f"the {m.preset!r} model needs its trained weights (model.checkpoint=<Self-Forcing .pt, Wan2.1 file or "
+             "diffusers folder>); set model.allow_random_init=true to run it from random weights on purpose")
+        need(r.sample_every >= 0, "run.sample_every", f"must be >= 0 (0 = before/after only), got {r.sample_every}")
         need(self.data.prompts is None or Path(self.data.prompts).expanduser().is_file(), "data.prompts", f"file {self.data.prompts!r} does not exist")
         need(len(self.reward.rewards) > 0, "reward.rewards", "needs at least one reward")
         for i, e in enumerate(self.reward.rewards):
@@ -491,6 +517,8 @@ def preset_self_forcing_13b() -> dict:
 
 
 PRESETS = {"tiny": preset_tiny, "self-forcing-1.3b": preset_self_forcing_13b}
+DEFAULT_PRESET = "tiny"
+"""The preset of a command line without --preset (the embedded default run)."""
 
 
 def _deep_update(base: dict, new: dict) -> dict:
@@ -520,7 +548,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def load_config(preset: str = "tiny", config_file: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(preset: str = DEFAULT_PRESET, config_file: str | None = None, overrides: list[str] = ()) -> TrainConfig:
     """preset, then the YAML/JSON file, then the overrides, in that order."""
     return TrainConfig.from_dict(config_dict(preset, config_file, overrides))
 

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
+
+from . import log as log_setup
 
 DEFAULT_EVAL_PROMPTS = (
     "a lighthouse beam sweeping across a foggy sea",
@@ -91,7 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0", help="comma list of noise seeds per prompt")
     ap.add_argument("--model-seed", type=int, default=0, help="seed of a random base model (no --checkpoint)")
     ap.add_argument("--save-videos", action="store_true")
+    log_setup.add_arguments(ap)
     args = ap.parse_args(argv)
+    log_setup.configure_from_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
     table = markdown_table({out.name: res})
     (out / "results.md").write_text(table)
     print(table)
-    print(f"[arcopo_fast] wrote {out / 'results.json'} and {out / 'results.md'}")
+    logging.getLogger(__name__).info("wrote %s and %s", out / "results.json", out / "results.md")
     return 0
 
 

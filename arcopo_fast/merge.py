@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import sys
 from pathlib import Path
 
 import torch
 
 from . import adapters
+from . import log as log_setup
 
 FORMATS = ("wan", "diffusers", "self-forcing", "diffusers-lora")
 adapter_dir = adapters.resolve_adapter_dir
@@ -94,7 +96,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output path: .safetensors (wan), a folder (diffusers, "
                     "diffusers-lora) or .pt (self-forcing)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="output dtype (default: the base's)")
+    log_setup.add_arguments(ap)
     args = ap.parse_args(argv)
+    log_setup.configure_from_args(args)
     if args.format != "diffusers-lora" and not args.base:
         ap.error(f"--base is required for --format {args.format}")
     try:
@@ -103,7 +107,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[arcopo_fast] wrote {path}")
+    logging.getLogger(__name__).info("wrote %s", path)
     return 0
 
 

@@ -17,16 +17,20 @@ Chunks are decoded as they arrive (on CUDA, overlapped with the next chunk's gen
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from . import log as log_setup
 from .model.vae import COMPILE_MODES as VAE_COMPILE_MODES
 from .model.vae import MEMORY_FORMATS
 from .profiling import maybe_profile
 from .sampler import COMPILE_MODES
+
+logger = logging.getLogger(__name__)
 
 
 def parse_adapter(text: str) -> tuple[str, float]:
@@ -136,7 +140,9 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-compile", default=None, choices=[m for m in VAE_COMPILE_MODES if isinstance(m, str)],
                     help="torch.compile the VAE decoder's per-frame step with this mode")
     ap.add_argument("--profile", metavar="DIR", help="write a torch profiler trace of the generation into DIR")
+    log_setup.add_arguments(ap)
     args = ap.parse_args(argv)
+    log_setup.configure_from_args(args)
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -149,6 +155,7 @@ def main(argv=None) -> int:
         check_video_path(args.out)  # before any work: a bad name must not cost a generation
         prompts = read_prompts(args.prompt, args.prompts_file)
         pipe = build_pipeline(args)  # a random tiny DiT is the embedded one (seed 0), as from_pretrained("tiny")
+        pipe.set_progress_bar_config(disable=not log_setup.progress_enabled())
         height, width, num_frames = video_size(args, pipe)
         jobs = [(p, args.seed + s) for p in prompts for s in range(args.num_samples)]
         outs = output_paths(args.out, len(prompts), args.num_samples)
@@ -171,10 +178,10 @@ def main(argv=None) -> int:
             video = torch.cat(chunks, dim=1)
             for b in range(video.shape[0]):
                 written.append(save_video(outs[i + b], video[b], fps=args.fps))
-    print(f"[arcopo_fast] {len(jobs)} x {num_frames} frames {height}x{width} in {dt:.2f} s "
-          f"(first chunk {first:.2f} s, {len(jobs) * num_frames / dt:.1f} FPS end to end)")
+    logger.info(f"{len(jobs)} x {num_frames} frames {height}x{width} in {dt:.2f} s "
+                f"(first chunk {first:.2f} s, {len(jobs) * num_frames / dt:.1f} FPS end to end)")
     for o in written:
-        print(f"[arcopo_fast] wrote {o}")
+        logger.info(f"wrote {o}")
     return 0
 
 

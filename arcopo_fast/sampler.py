@@ -21,8 +21,8 @@ in-kernel). Nothing here reads device values back to the host: timesteps and sig
 
 from __future__ import annotations
 
+import logging
 import math
-
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +33,8 @@ from .model.kv_cache import CrossKV, KVCache
 from .model.wan import CausalWanModel
 from .noise import NoiseKind, NoisePlan
 from .profiling import nvtx_range
+
+logger = logging.getLogger(__name__)
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """StreamingSampler(compile=...): torch.compile modes for the per-step forward (None: eager)."""
@@ -297,6 +299,8 @@ class StreamingSampler:
                     x = (initial_noise or {}).get(c)
                     x = self.initial_noise(samples, c, latent_hw) if x is None else x.float()
                     traj = self.denoise_chunk(x, c, samples, cross, cache, record=record)
+                # host ints only (no sync); on CUDA this marks the chunk's kernels as queued, not finished
+                logger.debug("chunk %d/%d denoised", c + 1, num_chunks)
                 yield (c, traj.output, traj) if record else (c, traj.output)
                 if c < num_chunks - 1:  # the last chunk's K/V are never read: skip its commit forward
                     self.commit_chunk(traj.output, cross, cache)

@@ -1,4 +1,4 @@
-"""Train a streaming video generator with AR-CoPO.
+r"""Train a streaming video generator with AR-CoPO.
 
     python -m arcopo_fast.train                                    # tiny default: CPU, minutes, reward rises
     python -m arcopo_fast.train --preset self-forcing-1.3b model.checkpoint=ckpts/self_forcing_dmd.pt \
@@ -7,7 +7,7 @@
     python -m arcopo_fast.train --resume runs/tiny run.iterations=120          # continue a run (in runs/tiny)
     python -m arcopo_fast.train run.mode=semi-on-policy replay.buffer=buffers/sf  # semi-on-policy adapter
 
-Overrides are `section.field=value` (see arcopo_fast/config.py for every field and its meaning).
+Overrides are `section.field=value`; every field, its type, value and meaning is listed below.
 
 Run folders and trust: a run writes only into its own folder, which it locks; a fresh run refuses a folder
 that holds another run (--overwrite deletes it), and `--resume PATH` continues in PATH's folder, whatever
@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import sys
 from pathlib import Path
 
-from . import checkpointing
+from . import checkpointing, cli
+from . import log as log_setup
 from .config import (
-    PRESETS,
     TrainConfig,
     apply_overrides,
     config_dict,
@@ -35,11 +36,11 @@ from .config import (
     parse_override,
 )
 
+logger = logging.getLogger(__name__)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m arcopo_fast.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named configuration (default: tiny)")
-    ap.add_argument("--config", help="a YAML/JSON file with config sections, applied over the preset")
+    ap = cli.config_parser("python -m arcopo_fast.train", __doc__, argv)
     ap.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                     help="continue from the latest checkpoint of run.out_dir, or of PATH (a run dir or checkpoint)")
     ap.add_argument("--overwrite", action="store_true",
@@ -51,9 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--trust-run-config", action="store_true",
                     help="with --resume, accept the import strings ('module:Class' reward names) of the stored "
                          "config without repeating them on the command line")
-    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("--profile", action="store_true", help="same as run.profile=true: a torch profiler trace of iteration 2")
-    ap.add_argument("overrides", nargs="*", help="section.field=value")
     return ap.parse_args(argv)
 
 
@@ -92,7 +91,7 @@ def _explicit_out_dir(args: argparse.Namespace) -> str | None:
     """run.out_dir as given on this command line (an override or the --config file), else None."""
     out = None
     if args.config and _file_sets(args.config, "run", "out_dir"):
-        out = config_dict("tiny", args.config, [])["run"]["out_dir"]
+        out = config_dict(args.preset, args.config, [])["run"]["out_dir"]
     for ov in args.overrides:
         path, value = parse_override(ov)
         if path == ["run", "out_dir"]:
@@ -113,6 +112,7 @@ def _file_sets(config_file: str, *keys: str) -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    log_setup.configure_from_args(args)
     if args.profile:
         args.overrides.append("run.profile=true")
     try:
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
+        print(cli.config_yaml(cfg), end="")
         return 0
     from . import distributed
     from .checkpointing import RunLockedError
@@ -146,10 +146,10 @@ def main(argv=None) -> int:
     finally:
         distributed.shutdown()
     if trainer.dist.is_main:
-        print(f"[arcopo_fast] run directory: {summary['run_dir']}")
+        logger.info("run directory: %s", summary["run_dir"])
         if "reward_first10" in summary:
-            print(f"[arcopo_fast] mean reward, first 10 iterations {summary['reward_first10']:.4f} -> last 10 {summary['reward_last10']:.4f}")
-        print(json.dumps(summary))
+            logger.info("mean reward, first 10 iterations %.4f -> last 10 %.4f", summary["reward_first10"], summary["reward_last10"])
+        print(json.dumps(summary))  # the result, on stdout (machine-readable)
     return 0
 
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import queue
@@ -26,6 +28,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from tqdm import tqdm
 
 from . import adapters, checkpointing, ops
 from . import distributed as dist_utils
+from . import log as log_setup
 from .config import TrainConfig, resume_conflicts
 from .data import PromptSet
 from .metrics import MetricsLogger, peak_memory_gb, provenance
@@ -50,6 +54,8 @@ from .sampler import FewStepSchedule, StreamingSampler
 
 EVAL_SAMPLE_ID = 2**31 - 1  # noise id of the before/after sample videos (never a training group)
 
+logger = logging.getLogger(__name__)
+
 
 def derive_seed(*parts: Any) -> int:
     """A 63-bit seed from any tuple of ints/strings (stable across processes, unlike hash())."""
@@ -63,13 +69,24 @@ def _sync(device: torch.device) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool = False, allow_pickle: bool = False):
+    """Trainer(cfg) runs the configured training; `rewards` replaces cfg.reward.rewards with reward objects
+    or functions (each a callable (videos, prompts) -> Tensor[B] | dict of Tensor[B], a RewardSpec, or a
+    config entry; see arcopo_fast.rewards.base). They are recorded in the saved config by import string, so
+    that `python -m arcopo_fast.train --resume` can rebuild them (a class with its default arguments); to
+    resume from Python with the same objects, pass the same `rewards`."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool = False,
+                 allow_pickle: bool = False, rewards: Sequence[Any] | None = None):
         """resume: True (the latest checkpoint of run.out_dir) or a checkpoint / run folder, which must be
         run.out_dir's own. overwrite: a fresh run may replace the run in run.out_dir (it is deleted); a
         resume may continue from an older checkpoint of it (the newer ones are deleted). allow_pickle: load a
-        trusted legacy checkpoint whose files hold pickled objects (unpickling can run code).
+        trusted legacy checkpoint whose files hold pickled objects (unpickling can run code). rewards: see
+        the class docstring.
         Claims run.out_dir first (a lock, held until run() ends or close()); when construction fails, what it
         wrote (the random base weights, a folder it created) is removed again."""
+        if rewards is not None:
+            cfg = _with_rewards(cfg, rewards)
+        self._reward_items = rewards
         self._lock, self._created_dir = None, False
         try:
             self._init(cfg, resume=resume, overwrite=overwrite, allow_pickle=allow_pickle)
@@ -157,6 +174,7 @@ class Trainer:
                 wandb_project=cfg.run.wandb_project,
                 config=cfg.to_dict(),
                 resume_from=self.start_iteration if resume else None,
+                resuming=bool(resume),
             )
 
     def _resume_checkpoint(self, resume: str | bool) -> Path:
@@ -237,6 +255,8 @@ class Trainer:
     def _build_reward(self):
         from .rewards import CompositeReward
 
+        if self._reward_items is not None:
+            return CompositeReward(list(self._reward_items))
         return CompositeReward([dataclasses.asdict(e) for e in self.cfg.reward.rewards])
 
     def _buffer_settings(self) -> dict[str, Any]:
@@ -431,8 +451,8 @@ class Trainer:
                 raise KeyboardInterrupt(f"second {name}: stopped at once")
             self._stop = True
             if self.dist.is_main:
-                print(f"\n[arcopo_fast] {name}: finishing this iteration, writing a checkpoint, then exiting "
-                      "(send it again to stop at once)", flush=True)
+                logger.warning(f"{name}: finishing this iteration, writing a checkpoint, then exiting "
+                               "(send it again to stop at once)")
 
         return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -457,9 +477,10 @@ class Trainer:
             is_main=self.dist.is_main, keep=self.cfg.run.keep_checkpoints, export=export,
         )
 
-    def write_samples(self, tag: str) -> None:
+    def write_samples(self, tag: str, iteration: int) -> None:
         """Rank 0: a sample video of data.eval_prompt with the current weights (tag 'before' runs the base
-        weights: adapters disabled)."""
+        weights: adapters disabled), written to samples/<tag>.mp4 (+ a PNG contact sheet) and sent to the
+        dashboards under 'samples' at step `iteration`."""
         if not (self.cfg.run.sample_videos and self.dist.is_main):
             return
         from .video_io import write_contact_sheet, write_mp4
@@ -471,8 +492,9 @@ class Trainer:
             video = self.vae.decode(lat)[0].float().cpu()
         out = self.run_dir / "samples"
         out.mkdir(exist_ok=True)
-        write_mp4(out / f"{tag}.mp4", video, fps=16)
+        mp4 = write_mp4(out / f"{tag}.mp4", video, fps=16)
         write_contact_sheet(out / f"{tag}.png", video)
+        self.log.log_video("samples", iteration, video, fps=16, mp4=mp4)
 
     def run(self) -> dict[str, Any]:
         try:
@@ -486,13 +508,14 @@ class Trainer:
         old_handlers = self._install_signal_handlers()
         self._reward_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         pool = RewardWorker()
-        bar = tqdm(total=total, initial=self.start_iteration, disable=not (cfg.run.progress and self.dist.is_main), desc="AR-CoPO", dynamic_ncols=True)
+        show = cfg.run.progress and self.dist.is_main and log_setup.progress_enabled()
+        bar = tqdm(total=total, initial=self.start_iteration, disable=not show, desc="AR-CoPO", dynamic_ncols=True)
         last_saved = self.start_iteration
         completed = self.start_iteration  # iterations whose update is applied AND whose metrics row is written
         self._torn = False  # True from an iteration's first optimizer step until it counts as completed
         try:
             if self.start_iteration == 0:
-                self.write_samples("before")
+                self.write_samples("before", 0)
             for it in range(self.start_iteration, total):
                 prof_dir = self.run_dir / "profile" if (cfg.run.profile and it == self.start_iteration + 1 and self.dist.is_main) else None
                 with maybe_profile(prof_dir, name=f"iteration{it}"):
@@ -509,6 +532,9 @@ class Trainer:
                     last_saved = completed
                 if stop:
                     break
+                every = cfg.run.sample_every
+                if every and completed % every == 0 and completed < total:
+                    self.write_samples(f"iter_{completed:06d}", completed)
         except BaseException:
             # The last checkpoint is never touched by a failure. On one process, also save the completed
             # iterations, but only from an iteration boundary: between the optimizer steps of an iteration
@@ -528,7 +554,7 @@ class Trainer:
         if self.dist.is_main:
             self.log.plot()
             if completed == total:
-                self.write_samples("after")
+                self.write_samples("after", completed)
             hist = self.log.history()
             rewards = [r["reward/mean"] for r in hist]
             if len(rewards) >= 20:
@@ -595,7 +621,7 @@ class Trainer:
         try:
             with adapters.adapters_disabled(self.model):
                 pending: list[tuple[GroupSample, Any]] = []
-                for group in tqdm(mine, desc="collect buffer", disable=not self.dist.is_main):
+                for group in tqdm(mine, desc="collect buffer", disable=not (self.dist.is_main and log_setup.progress_enabled())):
                     prompt = self.prompts.for_group(group)
                     s = self.engine.rollout(self.cross_for(prompt), group=group, pivot=self.pivot_for(group), prompt=prompt, keep_prefix_cache=False)
                     pending.append((s, self._submit_score(pool, s)))
@@ -614,6 +640,23 @@ class Trainer:
             write_index(root, dict(self._buffer_settings(), **info), all_records)
         dist_utils.barrier()
         return root
+
+
+def _with_rewards(cfg: TrainConfig, items: Sequence[Any]) -> TrainConfig:
+    """A copy of cfg whose reward.rewards records `items` (built reward objects are recorded by import
+    string, so config.yaml and the checkpoints say what was trained on)."""
+    from .config import RewardEntry
+    from .rewards import RewardSpec
+
+    if isinstance(items, (str, dict)) or callable(items) or not items:
+        raise ValueError("Trainer(rewards=...) takes a non-empty list of rewards (callables, RewardSpecs or config entries)")
+    entries = []
+    for item in items:
+        spec = RewardSpec.from_config(item)
+        entries.append(RewardEntry(**spec.to_config()))
+    cfg = copy.deepcopy(cfg)
+    cfg.reward.rewards = entries
+    return cfg
 
 
 class RewardWorker:

@@ -94,3 +94,18 @@ class MeanRedStall(MeanRed):
             open(self.stall + ".hit", "w").close()
             time.sleep(self.seconds)
         return super().__call__(videos, prompts)
+
+
+def redness(videos, prompts):
+    """A plain reward function (loaded as 'reward_helpers:redness'): one score per video, the mean red."""
+    return videos[:, :, 0].mean(dim=(1, 2, 3))
+
+
+def scaled_red(videos, prompts, gain=1.0):
+    """A reward function with a keyword argument, given through the config's kwargs."""
+    return {"red": gain * videos[:, :, 0].mean(dim=(1, 2, 3))}
+
+
+def make_mean_red(scale=1.0):
+    """A factory (no two required positional arguments): called with the kwargs, returns the reward."""
+    return MeanRed()

@@ -46,7 +46,7 @@ class Broken:
         if self.mode == "list":
             return {"score": [0.0] * b}
         if self.mode == "not_dict":
-            return torch.zeros(b)
+            return [0.0] * b
         if self.mode == "empty":
             return {}
         if self.mode == "raise":

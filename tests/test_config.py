@@ -57,7 +57,8 @@ def test_real_model_preset_needs_local_weights(tmp_path):
         load_config("self-forcing-1.3b")
     for d in ("te", "vae"):
         (tmp_path / d).mkdir()
-    cfg = load_config("self-forcing-1.3b", None, [f"model.text_encoder={tmp_path / 'te'}", f"model.vae={tmp_path / 'vae'}"])
+    cfg = load_config("self-forcing-1.3b", None, [f"model.text_encoder={tmp_path / 'te'}", f"model.vae={tmp_path / 'vae'}",
+                                                  "model.allow_random_init=true"])
     assert cfg.algo.group_size == 12 and cfg.adapter.rank == 64 and cfg.adapter.alpha == 128
     with pytest.raises(ValueError, match="unknown config sections"):
         TrainConfig.from_dict({"algorithm": {}})

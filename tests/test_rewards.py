@@ -175,6 +175,38 @@ def test_user_reward_by_import_string():
     torch.testing.assert_close(total, 2.0 * 0.75 + 0.1 * lengths)
 
 
+def test_plain_functions_and_objects_are_rewards():
+    """A function (videos, prompts) -> Tensor[B] | dict is a reward: by import string (kwargs passed on each
+    call), or as an object, like any built reward object; a bare tensor is logged under the label alone."""
+    from reward_helpers import MeanRed, redness
+    from rewards_test_helpers import GainRed
+
+    videos = flat_video(3, 2, 8, 8, (0.25, 0.5, 0.5))
+    comp = CompositeReward(
+        [
+            "reward_helpers:redness",
+            {"name": "reward_helpers:scaled_red", "kwargs": {"gain": 2.0}, "weight": 0.5},
+            {"name": "reward_helpers:make_mean_red", "kwargs": {"scale": 3.0}},  # a factory is still called
+            RewardSpec(reward=GainRed(gain=4.0), weight=0.25, label="gain"),
+            MeanRed(),
+        ]
+    )
+    total, parts = comp(videos, PROMPTS3)
+    assert comp.labels == ["redness", "scaled_red", "make_mean_red", "gain", "MeanRed"]
+    torch.testing.assert_close(parts["redness"], torch.full((3,), 0.25))  # bare tensor: the label alone
+    torch.testing.assert_close(parts["scaled_red/red"], torch.full((3,), 0.5))
+    torch.testing.assert_close(parts["make_mean_red/red"], torch.full((3,), 0.25))
+    torch.testing.assert_close(total, torch.full((3,), 0.25 + 0.5 * 0.5 + 0.25 + 0.25 * 1.0 + 0.25))
+    # a function object given directly; `components` weights name a bare tensor "score"
+    comp = CompositeReward([redness, RewardSpec(reward=redness, label="r2", components={"score": 2.0})])
+    total, parts = comp(videos, PROMPTS3)
+    assert set(parts) == {"redness", "r2"}
+    torch.testing.assert_close(total, torch.full((3,), 0.75))
+    assert RewardSpec(reward=redness).to_config()["name"] == "reward_helpers:redness"
+    with pytest.raises(ValueError, match="already built"):
+        RewardSpec(reward=redness, kwargs={"gain": 1})
+
+
 def test_spec_component_weights_override_the_reward_weights():
     videos = flat_video(3, 2, 8, 8, (0.25, 0.5, 0.5))
     comp = CompositeReward([{"name": "rewards_test_helpers:GainRed", "components": {"mean_red": 4.0}}])
@@ -211,7 +243,7 @@ def test_from_rewards_and_duplicate_labels():
         ),
         ("int", r"reward 'bad', component 'score': expected a floating tensor, got dtype torch.int64"),
         ("list", r"reward 'bad', component 'score': expected a torch.Tensor of shape \[3\], got list"),
-        ("not_dict", r"reward 'bad' returned Tensor; expected a dict"),
+        ("not_dict", r"reward 'bad' returned list; expected a Tensor\[B\] or a dict"),
         ("empty", r"reward 'bad' returned an empty dict"),
         ("raise", r"reward 'bad' raised RuntimeError: model exploded"),
     ],

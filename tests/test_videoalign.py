@@ -1,6 +1,10 @@
 """VideoAlign on a tiny random Qwen2-VL saved in the released checkpoint layout (model_config.json,
 checkpoint-<step>/model.pth holding the PEFT-wrapped reward model, checkpoint-<step>/tokenizer/), checked
-against the unmerged PEFT model; plus the preprocessing pieces against transformers' own."""
+against the unmerged PEFT model; plus the preprocessing pieces against transformers' own.
+
+VideoAlign's evaluation prompt is not part of the package (nor of these tests): it is read from the user's
+VideoAlign checkout. The tests write a stand-in checkout whose prompt_template.py holds a template of their
+own (TEMPLATE below), with the same placeholder and reward tokens."""
 
 from __future__ import annotations
 
@@ -13,16 +17,48 @@ import pytest
 import torch
 import torch.nn as nn
 
-from arcopo_fast.rewards import CompositeReward, MissingWeightsError
+from arcopo_fast.rewards import CompositeReward, MissingWeightsError, videoalign
 from arcopo_fast.rewards.videoalign import (
-    DETAILED_SPECIAL_PROMPT,
     SPECIAL_TOKENS,
     VideoAlign,
     chat_text,
     frame_indices,
+    load_prompt_template,
     patchify,
     smart_resize,
 )
+
+# Written for these tests (not VideoAlign's text): the placeholder and the three reward tokens, once each.
+TEMPLATE = (
+    "\nScore the clip below on three axes, each from 0 to 10.\n\n"
+    "Look of the frames: <|VQ_reward|>\nEND\n\n"
+    "Movement over time: <|MQ_reward|>\nEND\n\n"
+    "Prompt given - {text_prompt}\nFit to the prompt: <|TA_reward|>\nEND\n"
+)
+
+
+def _checkout(folder, template=TEMPLATE):
+    """A stand-in VideoAlign checkout: prompt_template.py with the template variable among others. Its first
+    line imports a module that does not exist: the file is read, never run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prompt_template.py").write_text(
+        "import a_module_that_is_not_installed\n\n"
+        f"DETAILED_PROMPT = {'other text {text_prompt}'!r}\n"
+        f"DETAILED_PROMPT_WITH_SPECIAL_TOKEN = {template!r}\n"
+    )
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def videoalign_checkout(tmp_path_factory):
+    """$ARCOPO_WEIGHTS/VideoAlign holds the stand-in checkout (the default place the reward looks), and the
+    released template's hash is swapped for this template's so that it loads without the 'differs' warning."""
+    weights = tmp_path_factory.mktemp("weights")
+    _checkout(weights / "VideoAlign")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ARCOPO_WEIGHTS", str(weights))
+        mp.setattr(videoalign, "TEMPLATE_SHA256", hashlib.sha256(TEMPLATE.encode()).hexdigest())
+        yield weights / "VideoAlign"
 
 BASE_TOKENS = [
     "<|endoftext|>",
@@ -45,7 +81,7 @@ def _tokenizer():
         set(
             re.findall(
                 r"\w+|[^\w\s]+",
-                DETAILED_SPECIAL_PROMPT + " system user assistant You are helpful cat dog runs",
+                TEMPLATE + " system user assistant You are helpful cat dog runs",
             )
         )
     )
@@ -259,17 +295,48 @@ def test_prompt_containing_a_reward_token_is_rejected(tiny):
 # ------------------------------------------------------------------------------------- preprocessing
 
 
-def test_prompt_text_is_videoaligns_verbatim():
-    # sha256 of VideoAlign's prompt_template.DETAILED_PROMPT_WITH_SPECIAL_TOKEN (trailing spaces included).
-    digest = hashlib.sha256(DETAILED_SPECIAL_PROMPT.encode()).hexdigest()
-    assert digest == "fdb6309bac618dd0c8b1b589d3a0970a974f7856eecbb355a190b2dce54af700"
-    text = chat_text("a {cat}", 3)
+def test_chat_text_inserts_the_prompt_into_the_template():
+    text = chat_text("a {cat}", 3, TEMPLATE)
     assert text.startswith(
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
     )
-    assert "<|video_pad|>" * 3 + "<|vision_end|>\nYou are tasked" in text
-    assert "Textual prompt - a {cat}\n" in text and text.endswith("END\n<|im_end|>\n<|im_start|>assistant\n")
+    assert "<|video_pad|>" * 3 + "<|vision_end|>\nScore the clip" in text
+    assert "Prompt given - a {cat}\n" in text and text.endswith("END\n<|im_end|>\n<|im_start|>assistant\n")
     assert all(text.count(t) == 1 for t in SPECIAL_TOKENS)
+
+
+def test_prompt_template_is_read_from_the_users_videoalign(tmp_path, monkeypatch, videoalign_checkout):
+    # default: $ARCOPO_WEIGHTS/VideoAlign; or a checkout folder, its prompt_template.py, or a text file
+    assert load_prompt_template() == TEMPLATE
+    other = TEMPLATE.replace("Score the clip", "Rate the video")
+    monkeypatch.setattr(videoalign, "TEMPLATE_SHA256", hashlib.sha256(other.encode()).hexdigest())
+    assert load_prompt_template(_checkout(tmp_path / "VA", other)) == other
+    assert load_prompt_template(tmp_path / "VA" / "prompt_template.py") == other
+    (tmp_path / "t.txt").write_text(other)
+    assert load_prompt_template(tmp_path / "t.txt") == other
+    # an "installation": a checkout on sys.path, found as the top-level module prompt_template
+    monkeypatch.setenv("ARCOPO_WEIGHTS", str(tmp_path / "empty"))
+    monkeypatch.syspath_prepend(str(tmp_path / "VA"))
+    assert load_prompt_template() == other
+    # a template that is not the released text is used, with a warning (the hash check is live)
+    monkeypatch.setattr(videoalign, "TEMPLATE_SHA256", "0" * 64)
+    with pytest.warns(UserWarning, match="differs from the released one"):
+        load_prompt_template(tmp_path / "t.txt")
+
+
+def test_missing_or_broken_template_says_what_to_fetch(tmp_path, monkeypatch, tiny):
+    monkeypatch.setenv("ARCOPO_WEIGHTS", str(tmp_path / "w"))
+    with pytest.raises(MissingWeightsError, match=r"github.com/KwaiVGI/VideoAlign.*" + re.escape(str(tmp_path / "w" / "VideoAlign"))):
+        load_prompt_template()
+    with pytest.raises(MissingWeightsError, match="prompt_template kwarg"):
+        VideoAlign(tiny[0], device="cpu")  # the reward itself, before loading any weights
+    (tmp_path / "bad.txt").write_text(TEMPLATE.replace("<|TA_reward|>", ""))
+    with pytest.raises(ValueError, match="TA_reward"):
+        load_prompt_template(tmp_path / "bad.txt")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "prompt_template.py").write_text("OTHER = 'a'\n")
+    with pytest.raises(ValueError, match="defines no DETAILED_PROMPT_WITH_SPECIAL_TOKEN"):
+        load_prompt_template(tmp_path / "x")
 
 
 def test_frame_sampling():

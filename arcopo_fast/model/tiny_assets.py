@@ -16,10 +16,12 @@ vocabulary: whole words for a small prompt vocabulary, single characters for eve
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +34,8 @@ __all__ = [
     "ensure_tiny_assets",
     "synthetic_videos",
 ]
+
+logger = logging.getLogger(__name__)
 
 VERSION = 2  # 2: the VAE is a trained autoencoder (1 was random)
 MARKER = "arcopo_tiny_asset.json"
@@ -348,11 +352,15 @@ def _is_current(dest: Path) -> bool:
 def _ensure(dest: Path, build) -> Path:
     if _is_current(dest):
         return dest
+    what = _WHAT.get(build.__name__, (dest.name, "a while"))
+    logger.info("building the %s into %s (once; cached for later runs, takes %s)", what[0], dest, what[1])
+    t0 = time.perf_counter()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the final folder is an ordinary shared cache
     try:
         build(tmp)
+        logger.info("built the %s in %.0f s", what[0], time.perf_counter() - t0)
         (tmp / MARKER).write_text(json.dumps({"version": VERSION}))
         if _is_current(dest):  # another process finished first; its copy is identical
             return dest
@@ -366,6 +374,12 @@ def _ensure(dest: Path, build) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+_WHAT = {
+    "build_tiny_text_encoder": ("tiny text encoder", "a few seconds"),
+    "build_tiny_vae": ("tiny VAE (a small autoencoder trained on synthetic videos)", "about a minute on 2 cores"),
+}
 
 
 def ensure_tiny_assets(root: str | Path | None = None) -> dict[str, Path]:

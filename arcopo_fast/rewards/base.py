@@ -2,12 +2,14 @@
 
 Protocol
 --------
-A reward is any object (usually a small class) with
+A reward is any callable: a plain function, or an object (usually a small class) with
 
     __call__(videos: Tensor[B, F, 3, H, W] float in [0, 1], prompts: list[str] of length B)
-        -> dict[str, Tensor[B]]          # one float32 score per video and component; higher is better
+        -> Tensor[B] | dict[str, Tensor[B]]   # one float score per video (and component); higher is better
 
-and two optional class attributes:
+A bare tensor is one score, logged under the reward's label; a dict holds named components, logged as
+"<label>/<component>". A reward object may have
+two optional attributes:
 
     weights: dict[str, float]   how its components enter the total (default: every component, weight 1).
                                 Components it returns but does not list are logged only (e.g. VideoAlign's
@@ -33,6 +35,17 @@ Configure it by import string, with keyword arguments for its constructor:
     CompositeReward([{"name": "my_package.my_rewards:Redness", "weight": 0.5, "kwargs": {"gain": 2.0}},
                      "temporal_smoothness"])
 
+or give a plain function, by import string or as the object itself (`Trainer(cfg, rewards=[...])` too):
+
+    def redness(videos, prompts):                         # logged as "redness"
+        return videos[:, :, 0].mean(dim=(1, 2, 3))
+
+    CompositeReward(["my_package.my_rewards:redness", redness, RewardSpec(reward=Redness(2.0), weight=0.5)])
+
+An import string names a reward class or factory (called with `kwargs` to build the reward), or a reward
+function: a function that, after the `kwargs` it is given, still takes two required positional arguments
+(videos, prompts) is the reward itself, and `kwargs` are passed to it on every call.
+
 The composite calls every reward, checks each output (a dict of finite float tensors of shape [B]) and
 returns total[B] = sum over rewards r of weight_r * sum over components c of w_rc * score_rc, plus every
 component as "<label>/<component>" for logging. Anything wrong in a reward (an exception, NaN or inf, a
@@ -49,7 +62,9 @@ download and where to put it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import inspect
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -185,22 +200,31 @@ def load_reward_class(name: str | Callable[..., Any]) -> Callable[..., Any]:
 class RewardSpec:
     """One configured reward.
 
-    name: a REGISTRY name or an import string "package.module:Class".
+    name: a REGISTRY name or an import string "package.module:Class" / "package.module:function".
     weight: multiplies the reward's weighted components in the total.
     kwargs: keyword arguments for the reward's constructor.
     components: component weights overriding the reward's own `weights` (e.g. {"TA": 1.0} to train on
         VideoAlign text alignment only); components not listed are logged only.
     label: the prefix its components are logged under (default: the reward's `name` attribute, else
-        the registry name, else the class name). Labels must be unique within a CompositeReward.
+        the registry name, else the class or function name). Labels must be unique within a CompositeReward.
+    reward: an already-built reward (any callable) instead of `name` + `kwargs`; `name` then defaults to
+        its import string (what a saved config records).
     """
 
-    name: str
+    name: str = ""
     weight: float = 1.0
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     components: dict[str, float] | None = None
     label: str | None = None
+    reward: Any = None
 
     def __post_init__(self) -> None:
+        if self.reward is not None:
+            if not callable(self.reward):
+                raise ValueError(f"RewardSpec.reward must be callable, got {type(self.reward).__name__}")
+            if self.kwargs:
+                raise ValueError("RewardSpec.kwargs are for building a reward by name; `reward` is already built")
+            self.name = self.name or import_string(self.reward)
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"RewardSpec.name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
@@ -217,12 +241,14 @@ class RewardSpec:
             self.components = _check_weights(self.components, f"RewardSpec.components of {self.name!r}")
 
     @classmethod
-    def from_config(cls, cfg: RewardSpec | Mapping[str, Any] | str) -> RewardSpec:
-        """A spec from a RewardSpec, a dict with the fields above, or a bare name."""
+    def from_config(cls, cfg: RewardSpec | Mapping[str, Any] | str | Callable[..., Any]) -> RewardSpec:
+        """A spec from a RewardSpec, a dict with the fields above, a bare name, or a reward callable."""
         if isinstance(cfg, RewardSpec):
             return cfg
         if isinstance(cfg, str):
             return cls(name=cfg)
+        if callable(cfg) and not isinstance(cfg, Mapping):
+            return cls(reward=cfg)
         if isinstance(cfg, Mapping):
             fields = {f.name for f in dataclasses.fields(cls)}
             unknown = sorted(set(cfg) - fields)
@@ -234,7 +260,32 @@ class RewardSpec:
         raise ValueError(f"a reward config must be a RewardSpec, a dict or a name, got {type(cfg).__name__}")
 
     def to_config(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config entry (RewardEntry fields): a built `reward` is recorded by its import string."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "reward"}
+
+
+def import_string(obj: Any) -> str:
+    """'module:qualname' of a function or class, or of an instance's class (how a config names it)."""
+    target = obj if (inspect.isfunction(obj) or inspect.isclass(obj)) else type(obj)
+    if isinstance(obj, functools.partial):
+        target = obj.func
+    return f"{target.__module__}:{target.__qualname__}"
+
+
+def _reward_function(fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> bool:
+    """Whether an imported non-class callable is a reward itself rather than a factory: after the given
+    kwargs it still takes two required positional arguments (videos, prompts)."""
+    if inspect.isclass(fn):
+        return False
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: treat as a factory, as before
+        return False
+    required = [
+        p for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty and p.name not in kwargs
+    ]  # fmt: skip
+    return len(required) >= 2
 
 
 def parse_reward_list(text: str) -> list[RewardSpec]:
@@ -257,7 +308,11 @@ def parse_reward_list(text: str) -> list[RewardSpec]:
 def build_reward(spec: RewardSpec | Mapping[str, Any] | str) -> Any:
     """Instantiate one reward from its spec. Errors name the reward."""
     spec = RewardSpec.from_config(spec)
+    if spec.reward is not None:
+        return spec.reward
     factory = load_reward_class(spec.name)
+    if _reward_function(factory, spec.kwargs):
+        return functools.partial(factory, **spec.kwargs) if spec.kwargs else factory
     try:
         reward = factory(**spec.kwargs)
     except RewardError:
@@ -314,7 +369,7 @@ def validate_scores(out: Any, label: str, batch: int) -> dict[str, torch.Tensor]
     """Check a reward's output: a non-empty dict of finite floating tensors of shape [batch]."""
     if not isinstance(out, Mapping):
         raise RewardError(
-            f"reward {label!r} returned {type(out).__name__}; expected a dict component -> Tensor[B]"
+            f"reward {label!r} returned {type(out).__name__}; expected a Tensor[B] or a dict component -> Tensor[B]"
         )
     if not out:
         raise RewardError(f"reward {label!r} returned an empty dict; expected at least one component")
@@ -398,8 +453,8 @@ class CompositeReward:
     device of `videos`. Any failure inside a reward raises RewardError naming it.
     """
 
-    def __init__(self, specs: Sequence[RewardSpec | Mapping[str, Any] | str] | RewardSpec | str):
-        if isinstance(specs, (str, RewardSpec, Mapping)):
+    def __init__(self, specs: Sequence[RewardSpec | Mapping[str, Any] | str | Callable[..., Any]] | RewardSpec | str):
+        if isinstance(specs, (str, RewardSpec, Mapping)) or callable(specs):
             specs = [specs]
         specs = [RewardSpec.from_config(s) for s in specs]
         if not specs:
@@ -407,7 +462,7 @@ class CompositeReward:
         entries = []
         for spec in specs:
             reward = build_reward(spec)
-            label = spec.label or getattr(reward, "name", None) or _default_label(spec.name)
+            label = spec.label or _own_name(reward) or _default_label(spec.name)
             entries.append(_Entry(label, reward, spec.weight, spec.components))
         self._set_entries(entries)
 
@@ -475,7 +530,8 @@ class CompositeReward:
                 raise
             except (Exception, SystemExit) as exc:  # noqa: BLE001 - any failure (sys.exit too) is reported by name
                 raise RewardError(f"reward {e.label!r} raised {type(exc).__name__}: {exc}") from exc
-            scores = validate_scores(out, e.label, batch)
+            bare = isinstance(out, torch.Tensor)  # one score: logged under the label alone
+            scores = validate_scores({SCORE: out} if bare else out, e.label, batch)
             weights = e.components if e.components is not None else {k: 1.0 for k in scores}
             missing = sorted(set(weights) - set(scores))
             if missing:
@@ -485,11 +541,22 @@ class CompositeReward:
                 )
             for key, value in scores.items():
                 value = value.to(device)
-                components[f"{e.label}/{key}"] = value
+                components[e.label if bare else f"{e.label}/{key}"] = value
                 if key in weights and weights[key] != 0.0:
                     total = total + (e.weight * weights[key]) * value
         self.current = None
         return total, components
+
+
+SCORE = "score"
+"""The component name of a reward that returns a bare tensor (for `components` weights)."""
+
+
+def _own_name(reward: Any) -> str | None:
+    """A reward object's `name` attribute (a string); functions' __name__ is not used here (the spec's
+    name carries it, and a partial has none)."""
+    name = getattr(reward, "name", None)
+    return name if isinstance(name, str) and name else None
 
 
 def _default_label(name: str) -> str:

@@ -38,19 +38,24 @@ Input pipeline (VideoAlign's, applied to in-memory tensors instead of mp4 files)
     uint8 frames of a decoded mp4;
   * CLIP mean / std normalisation, 2 x 14 x 14 patches grouped 2 x 2 for the merger;
   * the Qwen2-VL chat text: system prompt, then <|vision_start|><|video_pad|>...<|vision_end|> and the
-    "detailed_special" prompt with the user prompt inserted (the text below is VideoAlign's, verbatim,
-    because the checkpoint was trained on it).
+    "detailed_special" evaluation prompt with the user prompt inserted. That prompt is VideoAlign's text and
+    is not part of this package: it is read from the user's VideoAlign checkout (prompt_template.py) and
+    checked against the sha256 of the released text, which the checkpoint was trained on.
 
 Needs transformers >= 4.52 (Qwen2VLModel holding both the vision tower and the language model).
 """
 
 from __future__ import annotations
 
+import ast
 import glob
+import hashlib
+import importlib.util
 import inspect
 import json
 import math
 import re
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -80,50 +85,18 @@ MAX_FRAMES = 768
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# VideoAlign's "detailed_special" prompt (prompt_template.py, MIT licence), one string per line. Kept
-# verbatim, trailing spaces included: the reward model was trained on exactly this text.
-_DETAILED_SPECIAL_LINES = (
-    "",
-    "You are tasked with evaluating a generated video based on three distinct criteria: Visual Quality, Motion Quality, and Text Alignment. Please provide a rating from 0 to 10 for each of the three categories, with 0 being the worst and 10 being the best. Each evaluation should be independent of the others.",
-    "",
-    "**Visual Quality:**  ",
-    "Evaluate the overall visual quality of the video, with a focus on static factors. The following sub-dimensions should be considered:",
-    "- **Reasonableness:** The video should not contain any significant biological or logical errors, such as abnormal body structures or nonsensical environmental setups.",
-    "- **Clarity:** Evaluate the sharpness and visibility of the video. The image should be clear and easy to interpret, with no blurring or indistinct areas.",
-    "- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other visual elements (e.g., hair, clothing, shadows).",
-    "- **Aesthetic and Creativity:** Assess the artistic aspects of the video, including the color scheme, composition, atmosphere, depth of field, and the overall creative appeal. The scene should convey a sense of harmony and balance.",
-    "- **Safety:** The video should not contain harmful or inappropriate content, such as political, violent, or adult material. If such content is present, the image quality and satisfaction score should be the lowest possible. ",
-    "",
-    "Please provide the ratings of Visual Quality: <|VQ_reward|>",
-    "END",
-    "",
-    "**Motion Quality:**  ",
-    "Assess the dynamic aspects of the video, with a focus on dynamic factors. Consider the following sub-dimensions:",
-    "- **Stability:** Evaluate the continuity and stability between frames. There should be no sudden, unnatural jumps, and the video should maintain stable attributes (e.g., no fluctuating colors, textures, or missing body parts).",
-    "- **Naturalness:** The movement should align with physical laws and be realistic. For example, clothing should flow naturally with motion, and facial expressions should change appropriately (e.g., blinking, mouth movements).",
-    "- **Aesthetic Quality:** The movement should be smooth and fluid. The transitions between different motions or camera angles should be seamless, and the overall dynamic feel should be visually pleasing.",
-    "- **Fusion:** Ensure that elements in motion (e.g., edges of the subject, hair, clothing) blend naturally with the background, without obvious artifacts or the feeling of cut-and-paste effects.",
-    "- **Clarity of Motion:** The video should be clear and smooth in motion. Pay attention to any areas where the video might have blurry or unsteady sections that hinder visual continuity.",
-    "- **Amplitude:** If the video is largely static or has little movement, assign a low score for motion quality.",
-    "",
-    "Please provide the ratings of Motion Quality: <|MQ_reward|>",
-    "END",
-    "",
-    "**Text Alignment:**  ",
-    "Assess how well the video matches the textual prompt across the following sub-dimensions:",
-    "- **Subject Relevance** Evaluate how accurately the subject(s) in the video (e.g., person, animal, object) align with the textual description. The subject should match the description in terms of number, appearance, and behavior.",
-    "- **Motion Relevance:** Evaluate if the dynamic actions (e.g., gestures, posture, facial expressions like talking or blinking) align with the described prompt. The motion should match the prompt in terms of type, scale, and direction.",
-    "- **Environment Relevance:** Assess whether the background and scene fit the prompt. This includes checking if real-world locations or scenes are accurately represented, though some stylistic adaptation is acceptable.  ",
-    "- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, evaluate how well the video adheres to this style.",
-    "- **Camera Movement Relevance:** Check if the camera movements (e.g., following the subject, focus shifts) are consistent with the expected behavior from the prompt.",
-    "",
-    "Textual prompt - {text_prompt}",
-    "Please provide the ratings of Text Alignment: <|TA_reward|>",
-    "END",
-    "",
-)
-DETAILED_SPECIAL_PROMPT = "\n".join(_DETAILED_SPECIAL_LINES)
+# The evaluation prompt is VideoAlign's text (its prompt_template.py): the package does not carry it, it is
+# read from the user's VideoAlign checkout or installation (load_prompt_template). Facts about it kept here:
+# the file, the variable ("detailed_special" in model_config.json), and the sha256 of the released text.
+TEMPLATE_FILE = "prompt_template.py"
+TEMPLATE_VARIABLE = "DETAILED_PROMPT_WITH_SPECIAL_TOKEN"
+TEMPLATE_SHA256 = "fdb6309bac618dd0c8b1b589d3a0970a974f7856eecbb355a190b2dce54af700"
+TEMPLATE_PLACEHOLDER = "{text_prompt}"
 
+_FETCH_SOURCE = (
+    "VideoAlign's source code, whose prompt_template.py holds the evaluation prompt the reward model was trained "
+    "with (git clone https://github.com/KwaiVGI/VideoAlign <path>)"
+)
 _DOWNLOAD_CKPT = (
     "the Hugging Face repo KwaiVGI/VideoReward (git lfs install && git clone "
     "https://huggingface.co/KwaiVGI/VideoReward <path>, or huggingface-cli download KwaiVGI/VideoReward "
@@ -136,17 +109,81 @@ _DOWNLOAD_BASE = (
 )
 
 
-def build_prompt(prompt: str) -> str:
-    """The "detailed_special" evaluation text with the user prompt inserted."""
-    return DETAILED_SPECIAL_PROMPT.replace("{text_prompt}", prompt)
+def _template_candidates(source: str | Path | None) -> list[Path]:
+    """Where the template is looked for: `source`, else $ARCOPO_WEIGHTS/VideoAlign (a checkout beside the
+    weights), else an importable top-level `prompt_template` module (a checkout on sys.path)."""
+    if source is not None:
+        return [Path(source).expanduser()]
+    found = [default_weights_path("VideoAlign")]
+    spec = importlib.util.find_spec("prompt_template") if "prompt_template" not in sys.modules else None
+    origin = getattr(spec, "origin", None) or getattr(sys.modules.get("prompt_template"), "__file__", None)
+    if origin:
+        found.append(Path(origin))
+    return found
 
 
-def chat_text(prompt: str, num_video_tokens: int) -> str:
+def _read_template_variable(path: Path) -> str | None:
+    """The string assigned to TEMPLATE_VARIABLE in a Python file, read with ast (the file is not run)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == TEMPLATE_VARIABLE for t in targets):
+            if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+                return node.value.value
+            raise ValueError(f"{path}: {TEMPLATE_VARIABLE} is not a plain string literal")
+    return None
+
+
+def load_prompt_template(source: str | Path | None = None) -> str:
+    """VideoAlign's "detailed_special" evaluation prompt (with {text_prompt} and the three reward tokens),
+    read from the user's copy of VideoAlign.
+
+    source: a VideoAlign checkout (folder holding prompt_template.py), its prompt_template.py, or a text
+    file holding the template itself. None: $ARCOPO_WEIGHTS/VideoAlign, then an importable
+    `prompt_template` module. A template that differs from the released one is used with a warning (the
+    checkpoint was trained on the released text); a missing one raises MissingWeightsError saying what to
+    fetch and where to put it.
+    """
+    tried = []
+    for cand in _template_candidates(source):
+        path = cand / TEMPLATE_FILE if cand.is_dir() else cand
+        tried.append(str(path))
+        if not path.is_file():
+            continue
+        if path.suffix == ".py":
+            text = _read_template_variable(path)
+            if text is None:
+                raise ValueError(f"{path} defines no {TEMPLATE_VARIABLE}: is it VideoAlign's {TEMPLATE_FILE}?")
+        else:
+            text = path.read_text(encoding="utf-8")
+        problems = [t for t in (TEMPLATE_PLACEHOLDER, *SPECIAL_TOKENS) if text.count(t) != 1]
+        if problems:
+            raise ValueError(f"the VideoAlign prompt template {path} must contain each of {problems} exactly once")
+        if hashlib.sha256(text.encode()).hexdigest() != TEMPLATE_SHA256:
+            warnings.warn(
+                f"the VideoAlign prompt template {path} differs from the released one (sha256 "
+                f"{TEMPLATE_SHA256[:12]}...); the released checkpoint was trained on that text, scores may be off",
+                stacklevel=3,
+            )
+        return text
+    raise MissingWeightsError(
+        f"VideoAlign's prompt template not found (tried {', '.join(tried)}). Fetch {_FETCH_SOURCE} and put the "
+        f"checkout at '{default_weights_path('VideoAlign')}', or pass its location as the reward's "
+        f"prompt_template kwarg (reward.rewards: [{{name: videoalign, kwargs: {{prompt_template: <path>}}}}])."
+    )
+
+
+def build_prompt(prompt: str, template: str) -> str:
+    """The evaluation text: `template` (load_prompt_template) with the user prompt inserted."""
+    return template.replace(TEMPLATE_PLACEHOLDER, prompt)
+
+
+def chat_text(prompt: str, num_video_tokens: int, template: str) -> str:
     """What Qwen2-VL's chat template makes of one user turn [video, text] plus the generation prompt, with
     the video placeholder already expanded to one <|video_pad|> per merged video token."""
     return (
         f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
-        f"<|vision_start|>{'<|video_pad|>' * num_video_tokens}<|vision_end|>{build_prompt(prompt)}<|im_end|>\n"
+        f"<|vision_start|>{'<|video_pad|>' * num_video_tokens}<|vision_end|>{build_prompt(prompt, template)}<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
 
@@ -318,7 +355,9 @@ class VideoAlign:
     checkpoint-<step> (default: the latest). video_fps: frame rate of the videos passed in (Self-Forcing:
     16). normalize: apply the calibration of inference_config. fps / num_frames / max_pixels / min_pixels:
     override the checkpoint's sampling (defaults: its data_config). dtype: "auto" = bf16 on CUDA, fp32 on
-    CPU. batch_size: videos per forward pass.
+    CPU. batch_size: videos per forward pass. prompt_template: where VideoAlign's evaluation prompt is read
+    from (load_prompt_template: a VideoAlign checkout, its prompt_template.py, or a text file; default
+    $ARCOPO_WEIGHTS/VideoAlign, then an importable prompt_template module).
     """
 
     name = "videoalign"
@@ -340,6 +379,7 @@ class VideoAlign:
         dtype: str | torch.dtype = "auto",
         attn_implementation: str = "sdpa",
         batch_size: int = 4,
+        prompt_template: str | Path | None = None,
     ):
         from transformers import AutoConfig, AutoTokenizer
 
@@ -361,6 +401,7 @@ class VideoAlign:
         cfg_file = require_path(
             root / "model_config.json", what="VideoAlign model_config.json", download=_DOWNLOAD_CKPT
         )
+        self.template = load_prompt_template(prompt_template)
         cfg = json.loads(cfg_file.read_text())
         data, mcfg = cfg.get("data_config") or {}, cfg.get("model_config") or {}
         peft, self.calibration = cfg.get("peft_lora_config") or {}, cfg.get("inference_config")
@@ -520,7 +561,7 @@ class VideoAlign:
         template = getattr(self.tokenizer, "chat_template", None)
         if not template:
             return
-        text = build_prompt("PROMPT")
+        text = build_prompt("PROMPT", self.template)
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
         try:
             rendered = self.tokenizer.apply_chat_template(
@@ -528,7 +569,7 @@ class VideoAlign:
             )
         except Exception:  # noqa: BLE001 - a template we cannot render is not worth failing over
             return
-        if rendered != chat_text("PROMPT", 1):
+        if rendered != chat_text("PROMPT", 1, self.template):
             warnings.warn(
                 "the VideoAlign tokenizer's chat template renders the prompt differently from the built-in "
                 f"Qwen2-VL text; scores may be off. Template output starts {rendered[:160]!r}",
@@ -611,7 +652,7 @@ class VideoAlign:
             patches.append(p)
             grids.append(grid)
         n_tokens = grids[0][0] * grids[0][1] * grids[0][2] // self.merge_size**2
-        texts = [chat_text(p, n_tokens) for p in prompts]
+        texts = [chat_text(p, n_tokens, self.template) for p in prompts]
         tok = self.tokenizer(texts, padding=True, return_tensors="pt")
         return {
             "input_ids": tok["input_ids"].to(self.device),
