@@ -174,7 +174,7 @@ def test_one_time_asset_builds_announce_themselves(tmp_path):
 def test_sample_reports_chunks_at_debug_and_is_silent_with_quiet(tmp_path, capsys):
     from arcopo_fast.sample import main as sample_main
 
-    args = ["--prompt", "a red kite", "--num-chunks", "2", "--height", "4", "--width", "4"]
+    args = ["--prompt", "a red kite", "--num-frames", "21", "--height", "32", "--width", "32"]  # 2 chunks
     assert sample_main([*args, "--out", str(tmp_path / "a.mp4"), "--log-level", "debug"]) == 0
     err = capsys.readouterr().err
     assert "arcopo_fast.sampler: chunk 1/2 denoised" in err and "arcopo_fast.sampler: chunk 2/2 denoised" in err
