@@ -266,7 +266,7 @@ def test_trainer_reward_objects_dashboard_videos_wandb_resume_and_latest(tmp_pat
     assert merge_main(["--base", str(out / "base_model.safetensors"), "--on", str(latest), "--out", str(tmp_path / "m.safetensors")]) == 0
     (tmp_path / "p.txt").write_text("a red kite\n")
     assert eval_main(["--checkpoint", str(out / "base_model.safetensors"), "--adapter", f"{latest}/adapter:0.8",
-                      "--prompts", str(tmp_path / "p.txt"), "--num-chunks", "1", "--height", "4", "--width", "4",
+                      "--prompts", str(tmp_path / "p.txt"), "--num-frames", "9", "--height", "32", "--width", "32",
                       "--rewards", "brightness", "--out", str(tmp_path / "ev")]) == 0  # fmt: skip
 
 
