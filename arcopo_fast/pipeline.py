@@ -479,6 +479,7 @@ def load_generator(
     vae_memory_format: str = "contiguous",
     vae_compile: bool | str = False,
     compile: str | None = None,
+    allow_random_init: bool = False,
 ) -> StreamingPipeline:
     """A StreamingPipeline from arcopo_fast's own files (what the trainer writes and the CLIs read).
 
@@ -487,11 +488,17 @@ def load_generator(
     plan's seed. adapters_spec: (peft adapter folder, scale) pairs, added as W0 + sum scale * dW.
     text_encoder / vae: local folders (default: the tiny assets, for a tiny-width model only).
     vae_memory_format / vae_compile: the VAE decoder's speed options (arcopo_fast.model.vae.WanVAE);
-    compile: the DiT forward's torch.compile mode (StreamingSampler)."""
+    compile: the DiT forward's torch.compile mode (StreamingSampler). allow_random_init: a real-size preset
+    (config.REAL_SIZE_PRESETS) without a checkpoint is refused unless True (its videos would be noise)."""
+    from .config import REAL_SIZE_PRESETS
+
     device = torch.device(device)
     if checkpoint:
         model = _load_dit(checkpoint, device, dtype, ema)
     else:
+        if preset in REAL_SIZE_PRESETS and not allow_random_init:
+            raise ValueError(f"preset {preset!r} without a checkpoint would sample from random weights: give "
+                             "--checkpoint (or --model), or --allow-random-init to do it on purpose")
         model = _random_model(preset, seed=seed, device=device, dtype=dtype)
     if text_encoder is None or vae is None:
         if model.cfg.text_dim != get_preset("tiny").text_dim:

@@ -50,6 +50,8 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
                     "a run's base_model.safetensors); with --model it replaces the folder's DiT")
     ap.add_argument("--preset", default="tiny", help="architecture of a random DiT when neither --model nor "
                     "--checkpoint is given (tiny, wan-1.3b)")
+    ap.add_argument("--allow-random-init", action="store_true", help="let a real-size --preset (wan-1.3b) run "
+                    "from random weights without --checkpoint (benchmarks, smoke tests)")
     ap.add_argument("--no-ema", action="store_true", help="Self-Forcing .pt: use 'generator' instead of 'generator_ema'")
     ap.add_argument("--adapter", action="append", default=[], help="LoRA adapter folder[:scale] (repeatable: W0 + sum s dW)")
     ap.add_argument("--text-encoder", help="local umT5 encoder + tokenizer folder (default: the model's, or the tiny one)")
@@ -88,7 +90,7 @@ def build_pipeline(args, *, model_seed: int = 0):
         checkpoint=args.checkpoint, preset=args.preset, text_encoder=args.text_encoder, vae=args.vae,
         adapters_spec=[parse_adapter(a) for a in args.adapter], device=dev, dtype=dtype, seed=model_seed,
         schedule=schedule, ema=ema, compile=compile, vae_memory_format=vae_opts["memory_format"],
-        vae_compile=vae_opts["compile"],
+        vae_compile=vae_opts["compile"], allow_random_init=getattr(args, "allow_random_init", False),
     )
 
 

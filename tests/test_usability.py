@@ -303,3 +303,15 @@ def test_latest_marker_works_as_a_path_to_a_checkpoint_or_its_adapter(tmp_path):
     (ckpts / "latest").write_text("../elsewhere")
     with pytest.raises(ValueError, match="does not name a checkpoint folder"):
         checkpointing.expand_latest(ckpts / "latest" / "adapter")
+
+
+def test_sample_refuses_a_random_real_size_model(tmp_path, capsys):
+    """`sample --preset wan-1.3b` without a checkpoint would write noise from a random 1.3B model: refused
+    before anything is built, naming the flag that allows it."""
+    from arcopo_fast.pipeline import load_generator
+    from arcopo_fast.sample import main as sample_main
+
+    assert sample_main(["--prompt", "a kite", "--preset", "wan-1.3b", "--out", str(tmp_path / "v.mp4")]) == 2
+    assert "--allow-random-init" in capsys.readouterr().err and not (tmp_path / "v.mp4").exists()
+    with pytest.raises(ValueError, match="random weights"):
+        load_generator(preset="wan-1.3b")
