@@ -47,8 +47,25 @@ def _importable(name: str) -> bool:
     return True
 
 
+TRITON_MIN = (3, 6)
+"""Oldest Triton our kernels compile with (they use tl.mul); an older one counts as absent (torch paths)."""
+
+
+@functools.cache
+def _triton_recent() -> bool:
+    if not _importable("triton"):
+        return False
+    import triton
+
+    parts = []
+    for p in triton.__version__.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts) >= TRITON_MIN
+
+
 def triton_available() -> bool:
-    return _importable("triton")
+    return _triton_recent()
 
 
 def flash_attn_available() -> bool:

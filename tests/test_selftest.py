@@ -201,3 +201,16 @@ def test_kv_fork_self_test_catches_a_wrong_op(monkeypatch):
     for a, b in zip(caches, want):
         assert torch.equal(a, b)
     selftest.reset()
+
+
+def test_a_triton_older_than_the_kernels_need_counts_as_absent(monkeypatch):
+    """torch 2.8/2.9 pin triton 3.4/3.5, which lack tl.mul: "auto" must not hand those kernels out."""
+    import triton
+
+    from arcopo_fast import ops
+
+    for version, ok in (("3.5.1", False), ("3.4.0+git1234", False), ("3.6.0", True), ("3.10.0", True)):
+        monkeypatch.setattr(triton, "__version__", version)
+        ops._triton_recent.cache_clear()
+        assert ops.triton_available() is ok, version
+    ops._triton_recent.cache_clear()
