@@ -26,6 +26,7 @@ import os
 import queue
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -513,6 +514,7 @@ class Trainer:
         last_saved = self.start_iteration
         completed = self.start_iteration  # iterations whose update is applied AND whose metrics row is written
         self._torn = False  # True from an iteration's first optimizer step until it counts as completed
+        ended = False  # the loop finished without an exception: the reward worker is idle, wait for it
         try:
             if self.start_iteration == 0:
                 self.write_samples("before", 0)
@@ -535,6 +537,7 @@ class Trainer:
                 every = cfg.run.sample_every
                 if every and completed % every == 0 and completed < total:
                     self.write_samples(f"iter_{completed:06d}", completed)
+            ended = True
         except BaseException:
             # The last checkpoint is never touched by a failure. On one process, also save the completed
             # iterations, but only from an iteration boundary: between the optimizer steps of an iteration
@@ -547,7 +550,7 @@ class Trainer:
             raise
         finally:
             bar.close()
-            pool.shutdown()  # never waits: a reward that hangs must not hold the process
+            pool.shutdown(wait_s=5.0 if ended else 0.0)  # a reward that hangs must not hold the process
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
         summary = {"run_dir": str(self.run_dir), "iterations": completed, "interrupted": self._stop}
@@ -633,7 +636,7 @@ class Trainer:
                     s0.rewards, s0.components = self._reward_result(f0)
                     records.append(write_group(root, s0, store, self.cfg.algo.tau))
         finally:
-            pool.shutdown()
+            pool.shutdown(wait_s=0.0 if sys.exc_info()[0] is not None else 5.0)
         all_records = [r for per_rank in dist_utils.all_gather_objects(records) for r in per_rank]
         if self.dist.is_main:
             info = {"store_dtype": self.cfg.replay.store_dtype, "base_checkpoint": self.cfg.model.checkpoint}
@@ -683,9 +686,13 @@ class RewardWorker:
             except BaseException as e:  # noqa: BLE001 - SystemExit too: handed to the waiting thread
                 fut.set_exception(e)
 
-    def shutdown(self) -> None:
-        """Stop after the queued work, without waiting for it."""
+    def shutdown(self, wait_s: float = 5.0) -> None:
+        """Stop after the queued work, waiting at most `wait_s` for it. An idle worker ends at once; one stuck in
+        a hung reward is abandoned. The wait matters: a daemon thread still inside torch's C++ code when the
+        interpreter finalizes is unwound by pthread_exit, which aborts the process ("terminate called
+        without an active exception")."""
         self._queue.put(None)
+        self._thread.join(timeout=wait_s)
 
 
 def threading_main() -> bool:
