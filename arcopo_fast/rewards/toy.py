@@ -164,13 +164,13 @@ def ta_scores(logits: dict[str, torch.Tensor], targets: list[dict[str, list[int]
     return {"TA": ta, **{f"TA_{k}": v for k, v in out.items()}}
 
 
-def recognised(logits: dict[str, torch.Tensor], targets: list[dict[str, list[int]]]) -> torch.Tensor:
-    """[B] bool: for every attribute, the n values the prompt names (n distinct colours, shapes, ...) are
-    the recogniser's n most likely ones."""
+def recognised(logits: dict[str, torch.Tensor], targets: list[dict[str, list[int]]], heads: Sequence[str] = TA_HEADS) -> torch.Tensor:
+    """[B] bool: for every attribute of `heads`, the n values the prompt names (n distinct colours, shapes,
+    ...) are the recogniser's n most likely ones."""
     out = []
     for b, tgt in enumerate(targets):
         ok = True
-        for k in TA_HEADS:
+        for k in heads:
             want = set(tgt[k])
             ok = ok and set(logits[k][b].topk(len(want)).indices.tolist()) == want
         out.append(ok)

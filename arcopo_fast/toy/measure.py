@@ -50,17 +50,21 @@ def read_prompts(root: str | Path | None = None) -> list[str]:
 
 @torch.no_grad()
 def recognition(gen, reward, prompts: list[str], samples_per_prompt: int = 2, num_chunks: int = 3) -> dict:
-    from ..rewards.toy import prepare, prompt_targets, recognised
+    from ..rewards.toy import TA_HEADS, prepare, prompt_targets, recognised
 
-    hits, scores = [], {}
+    hits, per, scores = [], {k: [] for k in TA_HEADS}, {}
     for p in prompts:
         lat = gen.sampler.generate(gen.cross([p] * samples_per_prompt), num_chunks=num_chunks, latent_hw=(8, 8), samples=list(range(samples_per_prompt)))
         videos = gen.vae.decode(lat).float()
         logits = reward.ta.net(prepare(videos))
-        hits.append(recognised(logits, prompt_targets([p] * samples_per_prompt)))
+        targets = prompt_targets([p] * samples_per_prompt)
+        hits.append(recognised(logits, targets))
+        for k in TA_HEADS:
+            per[k].append(recognised(logits, targets, heads=(k,)))
         for k, v in reward(videos, [p] * samples_per_prompt).items():
             scores.setdefault(k, []).append(v)
     out = {"recognition_rate": float(torch.cat(hits).float().mean()), "videos": len(prompts) * samples_per_prompt}
+    out.update({f"recognition_rate/{k}": float(torch.cat(v).float().mean()) for k, v in per.items()})
     out.update({f"mean/{k}": float(torch.cat(v).mean()) for k, v in scores.items()})
     return out
 
