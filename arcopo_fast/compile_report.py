@@ -158,7 +158,6 @@ def _compile_triton(spec: dict, arch: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
     from triton.runtime.jit import JITFunction
 
     fn = getattr(importlib.import_module(spec["module"]), spec["fn"])

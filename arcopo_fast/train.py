@@ -1,6 +1,6 @@
 r"""Train a streaming video generator with AR-CoPO.
 
-    python -m arcopo_fast.train                                    # tiny default: CPU, minutes, reward rises
+    python -m arcopo_fast.train                                    # toy default: CPU, minutes, the toy model aligns
     python -m arcopo_fast.train --preset self-forcing-1.3b model.checkpoint=ckpts/self_forcing_dmd.pt \
         model.text_encoder=wan_models/umt5-xxl model.vae=wan_models/vae data.prompts=prompts.txt
     torchrun --nproc_per_node 8 -m arcopo_fast.train --config run.yaml          # DDP (LoRA) / FSDP2 (full)
