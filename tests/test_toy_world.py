@@ -113,7 +113,9 @@ def test_build_smoke_runs_every_stage_and_writes_a_verifiable_manifest(tmp_path)
     from arcopo_fast.toy.build import Recipe, build
 
     out = tmp_path / "w"
+    threads = torch.get_num_threads()
     man = build(out, Recipe.smoke(), log=lambda m: None, command="test")
+    assert torch.get_num_threads() == threads  # the build's single thread is not left behind
     for f in ("text_encoder/config.json", "vae/config.json", "base_model.safetensors", "reward_ta.safetensors",
               "reward_vq.safetensors", "reward_mq.safetensors", "prompts.txt", "manifest.json"):
         assert (out / f).is_file(), f

@@ -125,7 +125,16 @@ def build(
     """Build the toy weights into `out` and write its manifest; returns the manifest. `stages` may leave out
     the assets (reusing those in `out`), the rewards, or the three generator stages together (they hand
     the teacher over in memory). Every stage draws from its own seeded generators, so a partial rebuild
-    gives the files a full build would."""
+    gives the files a full build would. Runs on `threads` CPU threads (bit-reproducible at 1) and gives the
+    process its thread count back afterwards."""
+    before = torch.get_num_threads()
+    try:
+        return _build(out, recipe, threads=threads, log=log, command=command, stages=stages, teacher_out=teacher_out)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _build(out, recipe, *, threads, log, command, stages, teacher_out) -> dict:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown or "data" not in stages and len(set(stages) - {"assets"}) > 0:
         raise ValueError(f"stages must be among {STAGES} and include 'data' when training anything, got {stages}")
