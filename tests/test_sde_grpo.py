@@ -83,6 +83,15 @@ def test_sde_rollout_shares_the_initial_noise_and_draws_its_own_solver_noise_per
     assert (lat[1:, pivot * F :] - lat[:1, pivot * F :]).abs().amax() > 0
 
 
+def test_sde_rollout_does_not_depend_on_micro_batching_or_fork_mode():
+    sde, _, cross1 = _engines()
+    ref = sde.rollout(cross1, group=4, pivot=1)
+    other = SdeRolloutEngine(sde.sampler, num_chunks=L, latent_hw=HW, group_size=G, perturb_scale=0.5, micro_batch=3, fork="zero_copy")
+    got = other.rollout(cross1, group=4, pivot=1)
+    for name in ("latents", "inputs", "x0_old"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_on_policy_ratio_is_one_and_the_last_step_is_not_a_transition():
     sde, _, cross1 = _engines()
     s = sde.rollout(cross1, group=5, pivot=2)
@@ -133,6 +142,7 @@ def test_clip_eps_inf_removes_clipping_and_needs_the_explicit_flag():
         load_config("tiny", None, ["run.algorithm=sde-grpo", "algo.steps=[3]"])
 
 
+@pytest.mark.slow
 def test_trainer_runs_sde_grpo_through_the_shared_loop(tmp_path):
     from test_train import metrics, tiny
 
