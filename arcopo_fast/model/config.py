@@ -75,6 +75,16 @@ PRESETS: dict[str, ModelConfig] = {
         text_len=16,
         init_std_head=0.02,
     ),
+    # The toy world's generator (arcopo_fast.toy): trained weights ship in the package; about 1 MB.
+    "toy": ModelConfig(
+        dim=64,
+        num_layers=4,
+        num_heads=2,
+        ffn_dim=192,
+        freq_dim=64,
+        text_dim=32,
+        text_len=24,
+    ),
 }
 
 

@@ -56,14 +56,14 @@ def default_assets_dir() -> Path:
     return Path(os.environ.get("ARCOPO_FAST_CACHE", "~/.cache/arcopo_fast")).expanduser() / "tiny_assets"
 
 
-def _tokenizer():
+def _tokenizer(extra_words: tuple[str, ...] = ()):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "</s>", "<unk>"]  # T5 ids: pad 0, eos 1, unk 2
     vocab = [(s, 0.0) for s in specials]
-    vocab += [("\u2581" + w, -5.0) for w in dict.fromkeys(_WORDS)]
+    vocab += [("\u2581" + w, -5.0) for w in dict.fromkeys([*_WORDS, *extra_words])]
     vocab += [("\u2581", -8.0)] + [(c, -10.0) for c in _CHARS]
     tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
@@ -78,12 +78,15 @@ def _tokenizer():
     return fast, len(vocab)
 
 
-def build_tiny_text_encoder(out: str | Path, *, d_model: int = TINY_TEXT_DIM, seed: int = 0) -> Path:
-    """A 2-layer random UMT5EncoderModel (d_model 32) and its tokenizer, saved with save_pretrained."""
+def build_tiny_text_encoder(
+    out: str | Path, *, d_model: int = TINY_TEXT_DIM, seed: int = 0, extra_words: tuple[str, ...] = ()
+) -> Path:
+    """A 2-layer random UMT5EncoderModel (d_model 32) and its tokenizer, saved with save_pretrained.
+    extra_words: whole-word tokens added to the prompt vocabulary (the toy world's words)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     out = Path(out)
-    tokenizer, vocab_size = _tokenizer()
+    tokenizer, vocab_size = _tokenizer(tuple(extra_words))
     config = UMT5Config(
         vocab_size=vocab_size,
         d_model=d_model,

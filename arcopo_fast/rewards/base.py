@@ -41,7 +41,8 @@ save its checkpoint and stop.
 
 Built-in names (REGISTRY): offline rewards that need no weights (jpeg_compressibility,
 temporal_smoothness, brightness, color), CLIP-family rewards (clip_score, pickscore, hpsv2) and
-VideoAlign (videoalign). Weights for the model-based rewards are read from local folders, by default
+VideoAlign (videoalign), and the toy world's reward models (toy_ta, toy_vq, toy_mq, toy_videoalign; weights
+ship with the package). Weights for the model-based rewards are read from local folders, by default
 under $ARCOPO_WEIGHTS (default ./weights); a missing folder raises `MissingWeightsError` saying what to
 download and where to put it.
 """
@@ -137,6 +138,10 @@ REGISTRY: dict[str, str] = {
     "pickscore": "arcopo_fast.rewards.clip:PickScore",
     "hpsv2": "arcopo_fast.rewards.clip:HPSv2",
     "videoalign": "arcopo_fast.rewards.videoalign:VideoAlign",
+    "toy_ta": "arcopo_fast.rewards.toy:ToyTA",
+    "toy_vq": "arcopo_fast.rewards.toy:ToyVQ",
+    "toy_mq": "arcopo_fast.rewards.toy:ToyMQ",
+    "toy_videoalign": "arcopo_fast.rewards.toy:ToyVideoAlign",
 }
 
 

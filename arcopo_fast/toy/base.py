@@ -1,0 +1,264 @@
+"""The toy base generator, made the way Self-Forcing's few-step students are made (docs: toy-world.md):
+
+1. teacher: a causal flow-matching model trained by TEACHER FORCING on the world's VAE latents. One forward
+   sees [clean video ; noisy video] (2F frames, the noisy copy at the same RoPE positions), with a
+   block-causal mask: clean chunk c sees clean chunks <= c, noisy chunk c sees clean chunks < c and itself.
+   Every chunk gets its own noise level; 10% of the prompts are dropped (empty text) for guidance.
+2. ODE targets: the teacher samples streaming videos chunk by chunk (its KV cache holds its own clean
+   chunks, as at inference) with many Euler steps and classifier-free guidance. Each initial noise maps
+   deterministically to a video; the trajectory's points at the few-step sampler's sigmas are recorded.
+3. student (same architecture, initialised from the teacher): ODE regression, also by teacher forcing:
+   x0 = student(trajectory point at sigma_k of chunk c | the trajectory's clean chunks < c) -> endpoint.
+   The 4-step sampler then inherits the noise -> video map: different noises give different, sharp videos.
+
+Everything is deterministic for a seed on a given machine (one thread).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model.kv_cache import CrossKV, KVCache
+from ..model.wan import CausalWanModel
+
+# -- teacher forcing ------------------------------------------------------------------------------------
+
+
+def teacher_forcing_mask(frames: int, chunk_frames: int, frame_tokens: int, device=None) -> torch.Tensor:
+    """Boolean attention mask [2N, 2N] (True = attend) over the tokens of [clean video ; noisy video], N =
+    frames * frame_tokens: clean chunk c sees clean chunks <= c; noisy chunk c sees clean chunks < c and
+    noisy chunk c."""
+    chunk = torch.arange(frames, device=device).repeat_interleave(frame_tokens) // chunk_frames
+    qc, kc = chunk[:, None], chunk[None, :]
+    clean_clean = kc <= qc
+    noisy_clean = kc < qc
+    noisy_noisy = kc == qc
+    top = torch.cat([clean_clean, torch.zeros_like(clean_clean)], dim=1)
+    bottom = torch.cat([noisy_clean, noisy_noisy], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+def teacher_forcing_forward(
+    model: CausalWanModel, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, cross: CrossKV
+) -> torch.Tensor:
+    """Flow predictions [B, F, C, H, W] for `noisy` (timesteps t [B, F]) given the clean video `clean`
+    [B, F, C, H, W] as block-causal context (the clean copy runs at timestep 0)."""
+    B, Fr, C, H, W = noisy.shape
+    if clean.shape != noisy.shape:
+        raise ValueError(f"clean {tuple(clean.shape)} and noisy {tuple(noisy.shape)} must have the same shape")
+    cfg = model.cfg
+    ftok = model.frame_tokens(H, W)
+    h, w = H // cfg.patch_size[1], W // cfg.patch_size[2]
+    x = torch.cat([clean, noisy], dim=1)
+    tt = torch.cat([torch.zeros_like(t), t], dim=1)
+    tokens = model.patch_embedding(x.transpose(1, 2).to(model.dtype))
+    xs = tokens.flatten(2).transpose(1, 2).float()
+    e, e0 = model._time(tt, B, 2 * Fr)
+    cos, sin = model.rope.get(0, Fr, h, w, x.device)
+    rope = (torch.cat([cos, cos]), torch.cat([sin, sin]))  # the noisy copy sits at the clean copy's positions
+    mask = teacher_forcing_mask(Fr, cfg.chunk_frames, ftok, x.device)
+
+    def attn(layer, q, k, v):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return out.transpose(1, 2)
+
+    for i, block in enumerate(model.blocks):
+        ck, cv = cross.layer(i, B)
+        xs = block(xs, e0, ck, cv, i, rope, attn, ftok)
+    out = model._unpatchify(model.head(xs, e, ftok), 2 * Fr, h, w)
+    return out[:, Fr:]
+
+
+# -- schedules -----------------------------------------------------------------------------------------
+
+
+def warp(u: torch.Tensor | float, shift: float):
+    """The flow-matching shift: sigma = shift u / (1 + (shift - 1) u)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def ode_grid(student_sigmas: list[float], steps: int) -> tuple[list[float], list[int]]:
+    """An Euler grid from sigma 1 to 0 that contains every student sigma, with about `steps` steps spread
+    in proportion to each segment's length (at least 2 per segment). Returns (grid, index of each student
+    sigma in the grid)."""
+    knots = [*student_sigmas, 0.0]
+    if abs(knots[0] - 1.0) > 1e-9:
+        raise ValueError(f"the first sigma must be 1, got {knots[0]}")
+    grid, where = [], []
+    for a, b in zip(knots[:-1], knots[1:]):
+        n = max(2, round(steps * (a - b)))
+        where.append(len(grid))
+        grid += [a + (b - a) * j / n for j in range(n)]
+    return grid + [0.0], where
+
+
+# -- data ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LatentSet:
+    """Training latents [N, F, C, H, W] (normalised) and their text embeddings [N, L, D]."""
+
+    latents: torch.Tensor
+    text: torch.Tensor
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.latents[idx], self.text[idx]
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    return lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
+def _log(log: Callable[[str], None] | None, msg: str) -> None:
+    if log is not None:
+        log(msg)
+
+
+# -- stage 1: the teacher --------------------------------------------------------------------------------
+
+
+def train_teacher(
+    model: CausalWanModel,
+    data: LatentSet,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    shift: float = 3.0,
+    drop_text: float = 0.1,
+    warmup: int = 50,
+    log: Callable[[str], None] | None = None,
+) -> list[float]:
+    """Flow matching by teacher forcing: x_s = (1 - s) x0 + s eps per chunk (s = warp(u, shift), u uniform),
+    target v = eps - x0, on the noisy copy only. Returns the loss curve."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    L = model.cfg.chunk_frames
+    losses = []
+    t0 = time.process_time()
+    for step in range(steps):
+        for pg in opt.param_groups:
+            pg["lr"] = _lr_at(step, steps, lr, warmup)
+        idx = torch.randint(len(data.latents), (batch,), generator=g)
+        x0, text = data.batch(idx)
+        keep = (torch.rand(batch, generator=g) >= drop_text).float().view(-1, 1, 1)
+        B, Fr = x0.shape[:2]
+        u = torch.rand(B, Fr // L, generator=g).repeat_interleave(L, dim=1)
+        sig = warp(u, shift)
+        eps = torch.randn(x0.shape, generator=g)
+        s5 = sig.view(B, Fr, 1, 1, 1)
+        xt = (1 - s5) * x0 + s5 * eps
+        cross = model.encode_text(text * keep)
+        v = teacher_forcing_forward(model, x0, xt, sig * 1000, cross)
+        loss = (v - (eps - x0)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if log and (step % 100 == 0 or step == steps - 1):
+            _log(log, f"teacher step {step}: loss {sum(losses[-100:]) / len(losses[-100:]):.4f} ({time.process_time() - t0:.0f} s CPU)")
+    model.eval()
+    return losses
+
+
+# -- stage 2: ODE trajectories -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def ode_trajectories(
+    model: CausalWanModel,
+    text: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    student_sigmas: list[float],
+    steps: int,
+    guidance: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Streaming Euler ODE samples of the teacher with classifier-free guidance.
+
+    text [B, L, D]; noise [B, F, C, H, W] (the initial noise of every chunk). Returns (endpoints [B, F, C, H,
+    W], points [B, K, F, C, H, W]: the trajectory at each student sigma, chunk by chunk)."""
+    B, Fr, C, H, W = noise.shape
+    cf = model.cfg.chunk_frames
+    num_chunks = Fr // cf
+    grid, where = ode_grid(student_sigmas, steps)
+    cond = torch.cat([text, torch.zeros_like(text)])
+    cross = model.encode_text(cond)
+    cache = KVCache.for_model(
+        model.cfg, rows=2 * B, num_chunks=num_chunks, frame_tokens=model.frame_tokens(H, W), device=model.device, dtype=model.dtype
+    )
+    ends = torch.empty_like(noise)
+    points = torch.empty(B, len(student_sigmas), Fr, C, H, W)
+    for c in range(num_chunks):
+        sl = slice(c * cf, (c + 1) * cf)
+        x = noise[:, sl].clone()
+        for j, (a, b) in enumerate(zip(grid[:-1], grid[1:])):
+            if j in where:
+                points[:, where.index(j), sl] = x
+            v = model(torch.cat([x, x]), torch.full((2 * B,), a * 1000.0), cross, cache)
+            vc, vu = v[:B], v[B:]
+            x = x + (b - a) * (vu + guidance * (vc - vu))
+        ends[:, sl] = x
+        if c < num_chunks - 1:
+            model(torch.cat([x, x]), torch.zeros(2 * B), cross, cache, commit=True)
+    return ends, points
+
+
+# -- stage 3: the student ----------------------------------------------------------------------------------
+
+
+def train_student(
+    model: CausalWanModel,
+    ends: torch.Tensor,
+    points: torch.Tensor,
+    text: torch.Tensor,
+    *,
+    student_sigmas: list[float],
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    warmup: int = 20,
+    log: Callable[[str], None] | None = None,
+) -> list[float]:
+    """ODE regression by teacher forcing: for every chunk a random step k, input = the trajectory's point
+    at sigma_k, context = the trajectory's clean chunks, target x0 = the trajectory's endpoint."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    cf = model.cfg.chunk_frames
+    K = len(student_sigmas)
+    sig_table = torch.tensor(student_sigmas)
+    losses = []
+    t0 = time.process_time()
+    for step in range(steps):
+        for pg in opt.param_groups:
+            pg["lr"] = _lr_at(step, steps, lr, warmup)
+        idx = torch.randint(len(ends), (batch,), generator=g)
+        x0, pts, emb = ends[idx], points[idx], text[idx]
+        B, Fr = x0.shape[:2]
+        k = torch.randint(K, (B, Fr // cf), generator=g).repeat_interleave(cf, dim=1)  # [B, F]
+        xt = torch.gather(pts, 1, k.view(B, 1, Fr, 1, 1, 1).expand(B, 1, *pts.shape[2:])).squeeze(1)
+        sig = sig_table[k]
+        v = teacher_forcing_forward(model, x0, xt, sig * 1000, model.encode_text(emb))
+        pred = xt - sig.view(B, Fr, 1, 1, 1) * v
+        loss = (pred - x0).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if log and (step % 100 == 0 or step == steps - 1):
+            _log(log, f"student step {step}: loss {sum(losses[-100:]) / len(losses[-100:]):.4f} ({time.process_time() - t0:.0f} s CPU)")
+    model.eval()
+    return losses

@@ -1,0 +1,124 @@
+"""The toy world (arcopo_fast.toy.world), the teacher-forcing forward and the build pipeline (fast tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from arcopo_fast.toy import base, world
+
+
+def test_scenes_are_a_pure_function_of_seed_and_index():
+    a, b = world.scenes(3, 6), world.scenes(3, 6)
+    assert a == b and [s.prompt for s in a] != [s.prompt for s in world.scenes(4, 6)]
+    assert world.sample_scene(3, 4) == a[4]  # index addressing: no hidden sequential state
+    torch.testing.assert_close(world.render(a[0]), world.render(b[0]), rtol=0, atol=0)
+    v = world.render_batch(a[:2])
+    assert v.shape == (2, world.FRAMES, 3, world.SIZE, world.SIZE) and v.min() >= 0 and v.max() <= 1
+
+
+def test_prompts_name_the_scene_and_parse_back():
+    for s in world.scenes(0, 40):
+        assert world.parse_prompt(s.prompt).prompt == s.prompt
+        assert set(s.prompt.split()) <= set(world.TOY_WORDS)
+        labels = s.labels
+        assert len(labels["shape"]) == len(s.objects) and labels["background"] == [list(world.BACKGROUNDS).index(s.background)]
+    assert any(len(s.objects) == 2 for s in world.scenes(0, 40))
+    assert all(len(s.objects) == 1 for s in world.scenes(0, 20, two_objects=0.0))
+    with pytest.raises(ValueError, match="not a toy-world prompt"):
+        world.parse_prompt("a red balloon drifting over a calm lake at sunset")
+    with pytest.raises(ValueError, match="object phrase"):
+        world.parse_prompt("a huge red circle moving left over a black background")
+    with pytest.raises(ValueError, match="two_objects"):
+        world.sample_scene(0, 0, two_objects=1.5)
+
+
+def _centroid(video: torch.Tensor, colour: str) -> torch.Tensor:
+    """[F, 2] (x, y) centroid of the pixels close to `colour`."""
+    c = torch.tensor(world.COLOURS[colour]).view(1, 3, 1, 1)
+    m = ((video - c).abs().amax(1) < 0.05).float()  # [F, H, W]
+    ax = torch.arange(video.shape[-1], dtype=torch.float32) + 0.5
+    n = m.sum((1, 2)).clamp_min(1)
+    return torch.stack([(m.sum(1) * ax).sum(1) / n, (m.sum(2) * ax).sum(1) / n], dim=1)
+
+
+def test_objects_move_the_prompted_way_and_stay_in_the_frame():
+    for s in world.scenes(5, 30, two_objects=0.0):
+        o = s.objects[0]
+        v = world.render(s)
+        cen = _centroid(v, o.colour)
+        dx, dy = world.DIRECTIONS[o.direction]
+        step = cen[8] - cen[0]  # the first quarter: no bounce yet (objects start in the half they leave)
+        assert step[0] * dx + step[1] * dy > 4.0, (s.prompt, step)
+        assert (step[0] * dy).abs() + (step[1] * dx).abs() < 0.5  # axis-aligned motion
+        area = ((v - torch.tensor(world.COLOURS[o.colour]).view(1, 3, 1, 1)).abs().amax(1) < 0.05).sum((1, 2)).float()
+        assert area.min() > 0.8 * area.max()  # never leaves the frame (bounces keep it whole)
+
+
+def test_toy_tokenizer_keeps_every_world_word_whole(tmp_path):
+    from transformers import AutoTokenizer
+
+    from arcopo_fast.model.tiny_assets import build_tiny_text_encoder
+
+    build_tiny_text_encoder(tmp_path / "te", extra_words=world.TOY_WORDS)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "te"))
+    prompt = "a big white square moving up and a small yellow triangle moving right over a dark blue background"
+    ids = tok(prompt).input_ids
+    assert len(ids) == len(prompt.split()) + 1  # one token per word, plus </s>
+    assert tok.unk_token_id not in ids
+
+
+def test_teacher_forcing_forward_equals_streaming_with_a_clean_cache():
+    """Noisy chunk c of the [clean ; noisy] forward sees exactly what the streaming sampler's forward sees
+    with clean chunks < c committed to its KV cache (at timestep 0)."""
+    from arcopo_fast.model.config import get_preset
+    from arcopo_fast.model.kv_cache import KVCache
+    from arcopo_fast.model.wan import CausalWanModel
+
+    torch.manual_seed(0)
+    cfg = get_preset("toy").replace(num_layers=2, init_std_head=0.05)
+    model = CausalWanModel(cfg).eval()
+    B, L, cf = 2, 3, cfg.chunk_frames
+    clean = torch.randn(B, L * cf, 16, 4, 6)
+    noisy = torch.randn(B, L * cf, 16, 4, 6)
+    t = torch.rand(B, L).repeat_interleave(cf, dim=1) * 1000
+    cross = model.encode_text(torch.randn(B, 5, cfg.text_dim))
+    with torch.no_grad():
+        tf = base.teacher_forcing_forward(model, clean, noisy, t, cross)
+        cache = KVCache.for_model(cfg, rows=B, num_chunks=L, frame_tokens=model.frame_tokens(4, 6), device="cpu", dtype=torch.float32)
+        for c in range(L):
+            sl = slice(c * cf, (c + 1) * cf)
+            ref = model(noisy[:, sl], t[:, sl], cross, cache)
+            torch.testing.assert_close(tf[:, sl], ref, rtol=1e-4, atol=1e-4)
+            if c < L - 1:
+                model(clean[:, sl], torch.zeros(B), cross, cache, commit=True)
+    mask = base.teacher_forcing_mask(6, 3, 2)
+    assert mask.shape == (24, 24) and not mask[:12, 12:].any()  # clean tokens never see noisy ones
+
+
+def test_ode_grid_holds_the_student_sigmas():
+    sig = [1.0, 0.9375, 0.8333333, 0.625]
+    grid, where = base.ode_grid(sig, 24)
+    assert grid[0] == 1.0 and grid[-1] == 0.0 and all(a > b for a, b in zip(grid, grid[1:]))
+    assert [grid[i] for i in where] == pytest.approx(sig)
+    with pytest.raises(ValueError, match="first sigma"):
+        base.ode_grid([0.9, 0.5], 10)
+
+
+@pytest.mark.slow
+def test_build_smoke_runs_every_stage_and_writes_a_verifiable_manifest(tmp_path):
+    from arcopo_fast.toy import assets
+    from arcopo_fast.toy.build import Recipe, build
+
+    out = tmp_path / "w"
+    man = build(out, Recipe.smoke(), log=lambda m: None, command="test")
+    for f in ("text_encoder/config.json", "vae/config.json", "base_model.safetensors", "reward_ta.safetensors",
+              "reward_vq.safetensors", "reward_mq.safetensors", "prompts.txt", "manifest.json"):
+        assert (out / f).is_file(), f
+    assert set(man["stages"]) == {"assets", "data", "rewards", "teacher", "ode", "student"}
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 0
+    assert assets.verify(out) == []
+    (out / "prompts.txt").write_text("tampered\n")
+    assert assets.verify(out) == ["prompts.txt"]
