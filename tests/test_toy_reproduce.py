@@ -76,6 +76,17 @@ def test_partial_patterns_are_called_partly():
     assert {c["id"]: c["verdict"] for c in judge(raw)}["b"] == "partly"
 
 
+def test_changes_below_the_reward_resolution_are_not_moves():
+    shift = {"ta-only": {"r/TA": 0.2, "r/MQ": -0.005}}
+    raw = _raw(shift)
+    assert {c["id"]: c["verdict"] for c in judge(raw)}["d"] == "reproduced"  # 5e-3 is > 2 SE here
+    raw = _raw(shift)
+    raw["plan"]["min_effect"] = 0.01
+    claims = {c["id"]: c for c in judge(raw)}
+    assert claims["d"]["verdict"] == "partly"  # ... but below a resolution of 0.01
+    assert "ta-only r/MQ" not in claims["d"]["moved"] and "ta-only r/TA" in claims["d"]["moved"]
+
+
 @pytest.mark.slow
 def test_reproduce_command_writes_report_plot_and_numbers_at_the_tiniest_settings(tmp_path):
     out, work = tmp_path / "docs", tmp_path / "work"

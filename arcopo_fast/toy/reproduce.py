@@ -68,6 +68,9 @@ class Plan:
     """The first N prompts of the runs' prompt set."""
     eval_seeds: int = 2
     """Noise ids per prompt (EVAL_NOISE_ID0 + j: never a training group)."""
+    min_effect: float = 0.0
+    """A change counts (rises / falls) only when it exceeds 2 SE AND this size: the rewards' resolution,
+    so that a shift of 1e-4 in a saturated score is not called a fall however small its SE."""
     seed: int = 0
 
 
@@ -110,11 +113,12 @@ def toy_plan() -> Plan:
         ta_key="toy_videoalign/TA",
         quality_keys=("toy_videoalign/VQ", "toy_videoalign/MQ"),
         ta_only_rewards=[{"name": "toy_videoalign", "components": {"TA": 1.0}}],
-        iterations=40,
-        semi_iterations=40,
-        buffer_groups=16,
+        iterations=60,  # the default run's
+        semi_iterations=100,  # the paper's; a semi iteration neither rolls out nor scores: cheap
+        buffer_groups=32,
         eval_prompts=16,
         eval_seeds=2,
+        min_effect=0.01,  # the toy rewards are probabilities: one percentage point
     )
 
 
@@ -329,12 +333,12 @@ def _metric(row: dict[str, Any], key: str) -> float:
     return row[key]
 
 
-def _sig_up(p: dict[str, float]) -> bool:
-    return p["diff"] > 2 * p["se"] and p["diff"] > 0
+def _sig_up(p: dict[str, float], min_effect: float) -> bool:
+    return p["diff"] > 2 * p["se"] and p["diff"] > min_effect
 
 
-def _sig_down(p: dict[str, float]) -> bool:
-    return p["diff"] < -2 * p["se"] and p["diff"] < 0
+def _sig_down(p: dict[str, float], min_effect: float) -> bool:
+    return p["diff"] < -2 * p["se"] and p["diff"] < -min_effect
 
 
 def _fmt(p: dict[str, float]) -> str:
@@ -353,14 +357,17 @@ def judge(raw: dict[str, Any]) -> list[dict[str, Any]]:
         for row in res["rows"]:
             row["_quality_keys"] = list(plan["quality_keys"])
     ta, qk = plan["ta_key"], list(plan["quality_keys"])
+    m = float(plan.get("min_effect", 0.0))
     P = lambda a, b, k: paired(ev, a, b, k)  # noqa: E731
+    up = lambda p: _sig_up(p, m)  # noqa: E731
+    down = lambda p: _sig_down(p, m)  # noqa: E731
     claims = []
 
     # a. AR-CoPO on-policy raises the reward
     g = P("base", "ar-copo", "total")
     curve = [r["reward/mean"] for r in raw["curves"]["ar-copo"]]
     third = max(1, len(curve) // 3)
-    verdict = "reproduced" if _sig_up(g) else ("partly" if g["diff"] > 0 else "not")
+    verdict = "reproduced" if up(g) else ("partly" if g["diff"] > 0 else "not")
     claims.append({
         "id": "a", "claim": "AR-CoPO on-policy raises the reward", "verdict": verdict,
         "rule": "reproduced: eval reward of ar-copo above base by > 2 SE; partly: above but not by 2 SE; else not",
@@ -374,7 +381,7 @@ def judge(raw: dict[str, Any]) -> list[dict[str, Any]]:
     sp_sde = [r["reward/group_std"] for r in raw["curves"]["sde-grpo"]]
     n_sp = min(len(sp_ar), len(sp_sde))
     smaller = sum(s < a for a, s in zip(sp_ar[:n_sp], sp_sde[:n_sp]))  # iteration i: same prompt and pivot in both
-    less_gain, less_spread = _sig_up(ar_vs_sde), _mean(sp_sde) < _mean(sp_ar) and smaller > n_sp / 2
+    less_gain, less_spread = up(ar_vs_sde), _mean(sp_sde) < _mean(sp_ar) and smaller > n_sp / 2
     verdict = "reproduced" if (less_gain and less_spread) else ("partly" if (less_spread or ar_vs_sde["diff"] > 0) else "not")
     claims.append({
         "id": "b", "claim": "SDE-GRPO gains less and has a smaller within-group reward spread", "verdict": verdict,
@@ -390,7 +397,7 @@ def judge(raw: dict[str, Any]) -> list[dict[str, Any]]:
     q_free, q_clip = P("base", "semi-unclipped", "quality"), P("base", "semi", "quality")
     per_key = {k: P("base", "semi-unclipped", k) for k in qk}
     worse = P("semi", "semi-unclipped", "quality")
-    if _sig_down(q_free) and not _sig_down(q_clip) and _sig_down(worse):
+    if down(q_free) and not down(q_clip) and down(worse):
         verdict = "reproduced"
     elif q_free["diff"] < 0 and worse["diff"] < 0:
         verdict = "partly"
@@ -409,8 +416,8 @@ def judge(raw: dict[str, Any]) -> list[dict[str, Any]]:
     # d. On-policy training on TA alone hacks it
     g_ta = P("base", "ta-only", ta)
     falls = {k: P("base", "ta-only", k) for k in qk}
-    hacked = [k for k, p in falls.items() if _sig_down(p)]
-    if _sig_up(g_ta) and hacked:
+    hacked = [k for k, p in falls.items() if down(p)]
+    if up(g_ta) and hacked:
         verdict = "reproduced"
     elif g_ta["diff"] > 0 and any(p["diff"] < 0 for p in falls.values()):
         verdict = "partly"
@@ -429,9 +436,9 @@ def judge(raw: dict[str, Any]) -> list[dict[str, Any]]:
     best_single = max(("ar-copo", "semi"), key=lambda n: tot[n]["diff"])
     merged_vs_best = P(best_single, "merged", "total")
     merged_vs_on_quality = P("ar-copo", "merged", "quality")
-    keeps = not _sig_down(q_semi)
-    best_total = not _sig_down(merged_vs_best) and _sig_up(tot["merged"])
-    best_quality = not _sig_down(merged_vs_on_quality)
+    keeps = not down(q_semi)
+    best_total = not down(merged_vs_best) and up(tot["merged"])
+    best_quality = not down(merged_vs_on_quality)
     n_ok = keeps + best_total + best_quality
     verdict = "reproduced" if n_ok == 3 else ("partly" if n_ok else "not")
     claims.append({
@@ -444,6 +451,16 @@ def judge(raw: dict[str, Any]) -> list[dict[str, Any]]:
                     "merged_minus_ar_copo_quality": merged_vs_on_quality,
                     "tests_passed": {"semi_keeps_quality": keeps, "merged_best_total": best_total, "merged_keeps_quality": best_quality}},
     })
+    # what else moved: every metric of the claim's policies that changed by > 2 SE against base
+    involved = {"a": ("ar-copo",), "b": ("ar-copo", "sde-grpo"), "c": ("semi", "semi-unclipped"), "d": ("ta-only",), "e": ("semi", "merged")}
+    for c in claims:
+        moved = {}
+        for pol in involved[c["id"]]:
+            for k in ("total", ta, *qk):
+                p = P("base", pol, k)
+                if up(p) or down(p):
+                    moved[f"{pol} {k}"] = p
+        c["moved"] = moved
     for res in ev.values():
         for row in res["rows"]:
             row.pop("_quality_keys", None)
@@ -485,8 +502,14 @@ def write_report(raw: dict[str, Any], claims: list[dict[str, Any]], out: Path, s
     for c in claims:
         nums = "; ".join(f"{k} {_cell(v)}" for k, v in c["numbers"].items() if not isinstance(v, dict) or "diff" in v)
         lines.append(f"| {c['id']}. {c['claim']} | **{c['verdict']}** | {nums} |")
+    lines += ["", "What moved (every metric of the claims' policies that changed against base by > 2 SE and more "
+              f"than {plan.get('min_effect', 0.0):g}):", ""]
+    for c in claims:
+        moved = "; ".join(f"{k} {_fmt(v)}" for k, v in c["moved"].items()) or "nothing"
+        lines.append(f"- {c['id']}: {moved}")
     lines += ["", "Rules (fixed before the runs; `a ± b` is a paired mean difference ± its standard error over "
-              f"{ev['base']['num_videos']} (prompt, noise) videos):", ""]
+              f"{ev['base']['num_videos']} (prompt, noise) videos; 'by > 2 SE' also requires a change larger than "
+              f"{plan.get('min_effect', 0.0):g}, the rewards' resolution):", ""]
     lines += [f"- {c['id']}: {c['rule']}." for c in claims]
     lines += ["", "## Evaluation (mean over the same videos for every policy; change vs base ± SE)", "",
               "| policy | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
