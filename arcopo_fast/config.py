@@ -1,7 +1,8 @@
 """Training configuration: typed dataclasses with a docstring per field, named presets, a YAML/JSON file and
 command-line overrides (`section.field=value`), validated with errors that name the field and the fix.
 
-    python -m arcopo_fast.train                                   # preset "tiny" (the embedded default)
+    python -m arcopo_fast.train                                   # preset "toy" (the embedded default)
+    python -m arcopo_fast.train --preset tiny                     # a random tiny model (plumbing only)
     python -m arcopo_fast.train --preset self-forcing-1.3b model.checkpoint=/ckpt/self_forcing_dmd.pt ...
     python -m arcopo_fast.train --config run.yaml algo.group_size=8 run.iterations=50
 """
@@ -142,6 +143,9 @@ class DataSection:
     """A text file with one prompt per line; None = the built-in prompt list."""
     eval_prompt: str = "a red balloon drifting over a calm lake at sunset"
     """Prompt of the before/after sample videos written into the run directory."""
+    eval_prompts: list[str] = field(default_factory=list)
+    """More prompts for the before/after videos: with any, samples/before.mp4 and after.mp4 are a grid of
+    [eval_prompt, *eval_prompts], each from the same noise before and after."""
 
 
 @dataclass(kw_only=True)
@@ -283,7 +287,7 @@ class TrainConfig:
         need(ad.kind in ("lora", "full"), "adapter.kind", f"must be 'lora' or 'full', got {ad.kind!r}")
         need(ad.rank >= 1 and ad.alpha > 0, "adapter.rank/alpha", f"must be positive, got {ad.rank}/{ad.alpha}")
         need(m.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32 or bfloat16, got {m.dtype!r}")
-        need(m.preset in ("tiny", "wan-1.3b"), "model.preset", f"must be 'tiny' or 'wan-1.3b', got {m.preset!r}")
+        need(m.preset in ("tiny", "toy", "wan-1.3b"), "model.preset", f"must be 'tiny', 'toy' or 'wan-1.3b', got {m.preset!r}")
         for key in ("checkpoint", "text_encoder", "vae"):
             p = getattr(m, key)
             need(p is None or Path(p).expanduser().exists(), f"model.{key}", f"path {p!r} does not exist")
@@ -393,8 +397,9 @@ def _build(tp, value, where: str):
 
 
 def preset_tiny() -> dict:
-    """The embedded default: a tiny random model on CPU, finishing in minutes on 2 cores, with a built-in
-    offline reward that visibly rises."""
+    """A tiny random model on CPU, finishing in minutes on 2 cores, with a built-in offline reward: exercises
+    every code path (tests use it), but aligns nothing (the random model's output barely depends on its
+    noise)."""
     return {
         "model": {"preset": "tiny"},
         "sampler": {"num_chunks": 3, "latent_height": 8, "latent_width": 8},
@@ -421,7 +426,33 @@ def preset_self_forcing_13b() -> dict:
     }
 
 
-PRESETS = {"tiny": preset_tiny, "self-forcing-1.3b": preset_self_forcing_13b}
+def preset_toy() -> dict:
+    """The embedded default: AR-CoPO aligns the toy world's trained few-step generator (arcopo_fast.toy,
+    weights shipped in the package) with the toy VideoAlign reward (VQ + MQ + TA), on CPU in minutes.
+
+    lr: the paper's 1e-5 is for LoRA on the 1.3B model (dim 1536). Adam moves every weight by about lr per
+    step, and a layer's output then moves in proportion to its fan-in, so the same per-step change of the
+    function at dim 64 needs lr * 1536 / 64 = 2.4e-4 (the muP rule for hidden layers): 2e-4 here."""
+    from .toy.assets import WEIGHTS_DIR, read_manifest
+
+    w = WEIGHTS_DIR
+    prompts = [p for p in (w / "prompts.txt").read_text().splitlines() if p.strip()]
+    return {
+        "model": {"preset": "toy", "checkpoint": str(w / "base_model.safetensors"), "text_encoder": str(w / "text_encoder"), "vae": str(w / "vae")},
+        "sampler": {"num_chunks": 3, "latent_height": 8, "latent_width": 8, "shift": read_manifest(w)["sampler"]["shift"]},
+        "algo": {"group_size": 8, "num_anchors": 4, "perturb_scale": 0.5, "clip_eps": 1e-4, "epochs": 2},
+        "optim": {"lr": 2e-4, "grad_clip": 1.0},
+        "adapter": {"rank": 8, "alpha": 16.0},
+        "data": {"prompts": str(w / "prompts.txt"), "eval_prompt": prompts[0], "eval_prompts": prompts[1:8]},
+        "reward": {"rewards": [{"name": "toy_videoalign"}]},
+        "run": {"iterations": 60, "groups_per_rank": 1, "micro_batch": 8, "checkpoint_every": 20, "out_dir": "runs/toy"},
+        "replay": {"buffer_groups": 16},
+    }
+
+
+PRESETS = {"toy": preset_toy, "tiny": preset_tiny, "self-forcing-1.3b": preset_self_forcing_13b}
+DEFAULT_PRESET = "toy"
+"""What `python -m arcopo_fast.train` runs without --preset."""
 
 
 def _deep_update(base: dict, new: dict) -> dict:
@@ -451,7 +482,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def load_config(preset: str = "tiny", config_file: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(preset: str = DEFAULT_PRESET, config_file: str | None = None, overrides: list[str] = ()) -> TrainConfig:
     """preset, then the YAML/JSON file, then the overrides, in that order."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")

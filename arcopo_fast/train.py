@@ -1,6 +1,6 @@
 """Train a streaming video generator with AR-CoPO.
 
-    python -m arcopo_fast.train                                    # tiny default: CPU, minutes, reward rises
+    python -m arcopo_fast.train                                    # toy default: CPU, minutes, the toy model aligns
     python -m arcopo_fast.train --preset self-forcing-1.3b model.checkpoint=ckpts/self_forcing_dmd.pt \
         model.text_encoder=wan_models/umt5-xxl model.vae=wan_models/vae data.prompts=prompts.txt
     torchrun --nproc_per_node 8 -m arcopo_fast.train --config run.yaml          # DDP (LoRA) / FSDP2 (full)
@@ -17,12 +17,12 @@ import json
 import sys
 
 from . import checkpointing
-from .config import PRESETS, TrainConfig, apply_overrides, load_config
+from .config import DEFAULT_PRESET, PRESETS, TrainConfig, apply_overrides, load_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m arcopo_fast.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named configuration (default: tiny)")
+    ap.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"named configuration (default: {DEFAULT_PRESET})")
     ap.add_argument("--config", help="a YAML/JSON file with config sections, applied over the preset")
     ap.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                     help="continue from the latest checkpoint of run.out_dir, or of PATH (a run dir or checkpoint)")

@@ -385,17 +385,21 @@ class Trainer:
         )
 
     def write_samples(self, tag: str) -> None:
-        """Rank 0: a sample video of data.eval_prompt with the current weights (tag 'before' runs the base
-        weights: adapters disabled)."""
+        """Rank 0: a sample video of data.eval_prompt (a grid with data.eval_prompts) with the current weights
+        (tag 'before' runs the base weights: adapters disabled). Every prompt uses the same noise."""
         if not (self.cfg.run.sample_videos and self.dist.is_main):
             return
-        from .video_io import write_contact_sheet, write_mp4
+        from .video_io import tile_videos, write_contact_sheet, write_mp4
 
-        cross = self.cross_for(self.cfg.data.eval_prompt)
+        prompts = [self.cfg.data.eval_prompt, *self.cfg.data.eval_prompts]
+        with torch.no_grad():
+            emb = self.text_encoder.encode(prompts).to(self.device, self.dtype)
+            cross = self.model.encode_text(emb)
         ctx = adapters.adapters_disabled(self.model) if tag == "before" else contextlib.nullcontext()
         with torch.no_grad(), ctx:
-            lat = self.sampler.generate(cross, num_chunks=self.cfg.sampler.num_chunks, latent_hw=self.latent_hw, samples=[EVAL_SAMPLE_ID])
-            video = self.vae.decode(lat)[0].float().cpu()
+            lat = self.sampler.generate(cross, num_chunks=self.cfg.sampler.num_chunks, latent_hw=self.latent_hw, samples=[EVAL_SAMPLE_ID] * len(prompts))
+            videos = self.vae.decode(lat).float().cpu()
+        video = videos[0] if len(prompts) == 1 else tile_videos(videos, scale=2 if videos.shape[-1] <= 128 else 1)
         out = self.run_dir / "samples"
         out.mkdir(exist_ok=True)
         write_mp4(out / f"{tag}.mp4", video, fps=16)

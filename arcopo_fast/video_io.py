@@ -180,3 +180,28 @@ def save_video(path: str | os.PathLike, video: torch.Tensor | np.ndarray, fps: f
     if suffix == ".png":
         return write_contact_sheet(path, video)
     raise ValueError(f"unsupported video extension {suffix!r} in {path}: use .mp4, .gif or .png")
+
+
+def tile_videos(videos: torch.Tensor, cols: int | None = None, pad: int = 2, scale: int = 1) -> torch.Tensor:
+    """Several videos [N, F, 3, H, W] (float in [0, 1]) side by side in one video [F, 3, H', W']: a grid of
+    `cols` columns (default: ceil(sqrt(N))) with white `pad`-pixel borders, each tile upscaled `scale`x
+    (nearest: small videos stay crisp in players)."""
+    if videos.ndim != 5 or videos.shape[2] != 3:
+        raise ValueError(f"videos must have shape [N, F, 3, H, W], got {tuple(videos.shape)}")
+    if not isinstance(scale, int) or scale < 1 or not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"scale must be a positive integer and pad a non-negative one, got {scale!r}, {pad!r}")
+    n, f = videos.shape[:2]
+    cols = math.ceil(math.sqrt(n)) if cols is None else cols
+    if not isinstance(cols, int) or cols < 1:
+        raise ValueError(f"cols must be a positive integer, got {cols!r}")
+    v = videos.float()
+    if scale > 1:
+        v = v.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    h, w = v.shape[-2:]
+    rows = math.ceil(n / cols)
+    grid = torch.ones(f, 3, rows * (h + pad) + pad, cols * (w + pad) + pad, dtype=v.dtype, device=v.device)
+    for k in range(n):
+        r, c = divmod(k, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[:, :, y : y + h, x : x + w] = v[k]
+    return grid

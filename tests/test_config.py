@@ -9,7 +9,7 @@ from arcopo_fast.config import TrainConfig, load_config, parse_override
 
 def test_default_preset_is_valid_and_round_trips(tmp_path):
     cfg = load_config()
-    assert cfg.model.preset == "tiny" and cfg.algo.group_size >= 2
+    assert cfg.model.preset == "toy" and cfg.algo.group_size >= 2
     cfg.save(tmp_path / "c.yaml")
     again = load_config(config_file=str(tmp_path / "c.yaml"))
     assert again.to_dict() == cfg.to_dict()

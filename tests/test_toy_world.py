@@ -120,5 +120,34 @@ def test_build_smoke_runs_every_stage_and_writes_a_verifiable_manifest(tmp_path)
     assert set(man["stages"]) == {"assets", "data", "rewards", "teacher", "ode", "student"}
     assert json.loads((out / "manifest.json").read_text())["seed"] == 0
     assert assets.verify(out) == []
+    before = {f: h for f, h in man["sha256"].items() if not f.startswith("reward_")}
+    again = build(out, Recipe.smoke(), log=lambda m: None, command="again", stages=("data", "rewards"))
+    assert [r["command"] for r in again["runs"]] == ["test", "again"] and set(again["stages"]) == set(man["stages"])
+    assert {f: h for f, h in again["sha256"].items() if not f.startswith("reward_")} == before
+    assert again["sha256"] == man["sha256"]  # every stage seeds itself: a partial rebuild gives the same files
+    with pytest.raises(ValueError, match="run together"):
+        build(out, Recipe.smoke(), stages=("data", "teacher"))
     (out / "prompts.txt").write_text("tampered\n")
     assert assets.verify(out) == ["prompts.txt"]
+
+
+def test_toy_cli_dispatches_subcommands(capsys):
+    from arcopo_fast.toy.__main__ import COMMANDS, main
+
+    assert main([]) == 2 and "usage" in capsys.readouterr().out
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+    assert main(["nonsense"]) == 2 and "unknown command" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--help"])
+    assert e.value.code == 0 and "--stages" in capsys.readouterr().out
+
+
+def test_importing_the_toy_package_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, arcopo_fast.toy, arcopo_fast.toy.world, arcopo_fast.toy.assets; print(sorted(m for m in ('matplotlib', 'tensorboard', 'diffusers', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

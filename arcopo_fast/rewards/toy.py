@@ -71,30 +71,38 @@ class _FrameEncoder(nn.Module):
     def __init__(self, cin: int, width: int):
         super().__init__()
         w = width // 2
-        self.net = nn.Sequential(_conv(cin, w // 2, 2), _conv(w // 2, w, 2), _conv(w, w, 2), _conv(w, w, 2), _conv(w, w))
+        self.net = nn.Sequential(*(_conv(a, b, s) for a, b, s in ((cin, w // 2, 2), (w // 2, w, 2), (w, w, 2), (w, w, 2), (w, w, 1))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.net(x)
         return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
 
 
-class RecogniserNet(nn.Module):
-    """TA: 9 frames and their differences -> per-attribute logits: multi-label presence of each
-    colour, shape, size and direction; the background class."""
+def _space_time_trunk(c: int) -> nn.Sequential:
+    """[B, 3, 17, 64, 64] -> [B, c, 5, 4, 4]: space-time convolutions (motion is seen directly)."""
 
-    def __init__(self, width: int = 64):
+    def block(a, b, s):
+        return [nn.Conv3d(a, b, 3, s, 1), nn.SiLU()]
+
+    return nn.Sequential(
+        *block(3, c // 2, (1, 2, 2)), *block(c // 2, c, (1, 2, 2)), *block(c, c, (2, 2, 2)), *block(c, c, (2, 2, 2))
+    )
+
+
+class RecogniserNet(nn.Module):
+    """TA: a clip -> per-attribute logits: multi-label presence of each colour, shape, size and direction;
+    the background class."""
+
+    def __init__(self, width: int = 48):
         super().__init__()
-        self.enc = _FrameEncoder(6, width)
-        self.mix = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU())
-        self.heads = nn.ModuleDict({k: nn.Linear(width, n) for k, n in _heads().items()})
+        self.trunk = _space_time_trunk(width)
+        self.mix = nn.Sequential(nn.Linear(2 * width, 2 * width), nn.SiLU())
+        self.heads = nn.ModuleDict({k: nn.Linear(2 * width, n) for k, n in _heads().items()})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x: prepare()d clips [B, 17, 3, 64, 64]."""
-        f = x[:, ::2]
-        d = torch.cat([torch.zeros_like(f[:, :1]), f[:, 1:] - f[:, :-1]], dim=1)
-        B, T = f.shape[:2]
-        h = self.enc(torch.cat([f, d], dim=2).flatten(0, 1)).view(B, T, -1)
-        h = self.mix(torch.cat([h.mean(1), h.amax(1)], dim=1))
+        h = self.trunk(x.transpose(1, 2))
+        h = self.mix(torch.cat([h.mean(dim=(2, 3, 4)), h.amax(dim=(2, 3, 4))], dim=1))
         return {k: head(h) for k, head in self.heads.items()}
 
 
@@ -112,24 +120,28 @@ class QualityNet(nn.Module):
 
 
 class MotionNet(nn.Module):
-    """MQ: a clip (17 frames) -> the logit of 'the world's motion'. Each frame is seen with its
-    predecessor and successor; a temporal conv then compares consecutive frame features."""
+    """MQ: a clip (17 frames, at 32 x 32) -> the logit of 'the world's motion'. Space-time convolutions see
+    motion directly; max pooling over space and time finds a local anomaly (a cut, a freeze, a jump)
+    anywhere in the clip."""
 
-    def __init__(self, width: int = 48):
+    def __init__(self, width: int = 32):
         super().__init__()
-        self.enc = _FrameEncoder(9, width)
-        self.temporal = nn.Sequential(nn.Conv1d(width, width, 3, padding=1), nn.SiLU(), nn.Conv1d(width, width, 3, padding=1), nn.SiLU())
-        self.out = nn.Linear(2 * width, 1)
+        c = width
+
+        def block(a, b, k, s):
+            return [nn.Conv3d(a, b, k, s, tuple(x // 2 for x in k)), nn.SiLU()]
+
+        self.net = nn.Sequential(
+            *block(3, c // 2, (3, 3, 3), (1, 2, 2)), *block(c // 2, c, (3, 3, 3), (1, 2, 2)),
+            *block(c, c, (3, 3, 3), (1, 1, 1)), *block(c, c, (3, 3, 3), (1, 2, 2)),
+        )
+        self.out = nn.Linear(2 * c, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: prepare()d clips [B, 17, 3, 64, 64] -> [B]."""
-        f = x
-        prev = torch.cat([f[:, :1], f[:, :-1]], dim=1)
-        nxt = torch.cat([f[:, 1:], f[:, -1:]], dim=1)
-        B, T = f.shape[:2]
-        h = self.enc(torch.cat([f, f - prev, nxt - f], dim=2).flatten(0, 1)).view(B, T, -1)
-        h = self.temporal(h.transpose(1, 2))
-        return self.out(torch.cat([h.mean(2), h.amax(2)], dim=1)).squeeze(1)
+        h = F.avg_pool3d(x.transpose(1, 2), (1, 2, 2))  # [B, 3, 17, 32, 32]
+        h = self.net(h)
+        return self.out(torch.cat([h.mean(dim=(2, 3, 4)), h.amax(dim=(2, 3, 4))], dim=1)).squeeze(1)
 
 
 # -- scoring -------------------------------------------------------------------------------------------
@@ -152,13 +164,13 @@ def ta_scores(logits: dict[str, torch.Tensor], targets: list[dict[str, list[int]
     return {"TA": ta, **{f"TA_{k}": v for k, v in out.items()}}
 
 
-def recognised(logits: dict[str, torch.Tensor], targets: list[dict[str, list[int]]]) -> torch.Tensor:
-    """[B] bool: for every attribute, the n values the prompt names (n distinct colours, shapes, ...) are
-    the recogniser's n most likely ones."""
+def recognised(logits: dict[str, torch.Tensor], targets: list[dict[str, list[int]]], heads: Sequence[str] = TA_HEADS) -> torch.Tensor:
+    """[B] bool: for every attribute of `heads`, the n values the prompt names (n distinct colours, shapes,
+    ...) are the recogniser's n most likely ones."""
     out = []
     for b, tgt in enumerate(targets):
         ok = True
-        for k in TA_HEADS:
+        for k in heads:
             want = set(tgt[k])
             ok = ok and set(logits[k][b].topk(len(want)).indices.tolist()) == want
         out.append(ok)

@@ -28,7 +28,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import importlib
 
-    return int(importlib.import_module(COMMANDS[name][0]).main(rest) or 0)
+    module = COMMANDS[name][0]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        print(f"error: {module} is not part of this installation", file=sys.stderr)
+        return 2
+    return int(mod.main(rest) or 0)
 
 
 if __name__ == "__main__":

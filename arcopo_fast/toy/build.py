@@ -33,22 +33,22 @@ class Recipe:
     shift: float = 1.0
     """The few-step sampler's shift (timesteps 1000, 750, 500, 250 warped by it): the student's sigmas."""
     train_clips: int = 1024
-    reward_clips: int = 384
+    reward_clips: int = 768
     two_objects: float = 0.25
-    teacher_steps: int = 800
+    teacher_steps: int = 1000
     teacher_batch: int = 32
     teacher_lr: float = 1e-3
     ode_samples: int = 512
     ode_steps: int = 24
-    guidance: float = 3.0
+    guidance: float = 2.0
     student_steps: int = 500
     student_batch: int = 32
     student_lr: float = 3e-4
-    ta_steps: int = 400
-    vq_steps: int = 300
-    mq_steps: int = 300
-    reward_batch: int = 32
-    reward_lr: float = 2e-3
+    ta_steps: int = 800
+    vq_steps: int = 1500
+    mq_steps: int = 1500
+    reward_batch: int = 16
+    reward_lr: float = 1e-3
     prompts_seed: int = 1
     num_prompts: int = 32
 
@@ -63,25 +63,34 @@ def sampler_sigmas(shift: float) -> list[float]:
     return [float(base.warp(s / 1000, shift)) for s in (1000, 750, 500, 250)]
 
 
-def renormalise_vae(vae_dir: Path, scenes: list) -> None:
-    """Re-measure the VAE config's latent normalisation on world clips: per-channel means, and ONE scale for
-    all channels (the latents' overall std becomes 1). The tiny VAE's own statistics come from its smooth
-    synthetic clips, under which world latents have std ~0.36; a per-channel std would blow up the 13
-    channels that carry only small detail the decoder mostly ignores."""
+def renormalise_vae(vae_dir: Path, scenes: list, ignored: float = 0.01, squash: float = 1e3) -> None:
+    """Re-measure the VAE config's per-channel latent normalisation (latents_mean / latents_std) on world
+    clips: every channel the decoder reads gets mean 0 and std 1. A channel whose one-std change moves the
+    decoded video by less than `ignored` of the most influential channel's change is scaled down `squash`x
+    instead (it carries detail the decoder ignores: the tiny VAE reads only its colour channels), so the
+    generator need not model it: it sits at ~0. The tiny VAE's own statistics come from its smooth synthetic
+    clips, under which world latents have std ~0.36."""
     from ..model.vae import WanVAE
 
     vae = WanVAE(vae_dir)
     with torch.no_grad():
         z = vae.encode(world.render_batch(scenes))  # normalised with the old statistics
-    old_mean = torch.tensor(vae.vae.config.latents_mean)
-    old_std = torch.tensor(vae.vae.config.latents_std)
-    raw = z * old_std.view(1, 1, -1, 1, 1) + old_mean.view(1, 1, -1, 1, 1)
-    mean = raw.mean(dim=(0, 1, 3, 4))
-    scale = (raw - mean.view(1, 1, -1, 1, 1)).pow(2).mean().sqrt()
+        old_mean = torch.tensor(vae.vae.config.latents_mean)
+        old_std = torch.tensor(vae.vae.config.latents_std)
+        raw = z * old_std.view(1, 1, -1, 1, 1) + old_mean.view(1, 1, -1, 1, 1)
+        mean, std = raw.mean(dim=(0, 1, 3, 4)), raw.std(dim=(0, 1, 3, 4))
+        base = vae.decode(z[:4])
+        effect = []
+        for c in range(z.shape[2]):
+            zc = z[:4].clone()
+            zc[:, :, c] += std[c] / old_std[c]
+            effect.append(float((vae.decode(zc) - base).abs().mean()))
+    effect = torch.tensor(effect)
+    std = torch.where(effect < ignored * effect.max(), std * squash, std)
     conf_path = vae_dir / "config.json"
     conf = json.loads(conf_path.read_text())
     conf["latents_mean"] = [round(float(m), 6) for m in mean]
-    conf["latents_std"] = [round(float(scale), 6)] * len(mean)
+    conf["latents_std"] = [float(f"{float(s):.6g}") for s in std]
     conf_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
 
 
@@ -105,8 +114,24 @@ class _Clock:
         return _Stage()
 
 
-def build(out: str | Path, recipe: Recipe | None = None, *, threads: int = 1, log=print, command: str | None = None) -> dict:
-    """Build every toy weight into `out` (a fresh folder) and write its manifest. Returns the manifest."""
+STAGES = ("assets", "data", "rewards", "teacher", "ode", "student")
+GENERATOR_STAGES = ("teacher", "ode", "student")
+
+
+def build(
+    out: str | Path, recipe: Recipe | None = None, *, threads: int = 1, log=print, command: str | None = None,
+    stages: tuple[str, ...] = STAGES, teacher_out: str | Path | None = None,
+) -> dict:
+    """Build the toy weights into `out` and write its manifest; returns the manifest. `stages` may leave out
+    the assets (reusing those in `out`), the rewards, or the three generator stages together (they hand
+    the teacher over in memory). Every stage draws from its own seeded generators, so a partial rebuild
+    gives the files a full build would."""
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown or "data" not in stages and len(set(stages) - {"assets"}) > 0:
+        raise ValueError(f"stages must be among {STAGES} and include 'data' when training anything, got {stages}")
+    gen = [st in stages for st in GENERATOR_STAGES]
+    if any(gen) and not all(gen):
+        raise ValueError(f"stages: the generator stages {GENERATOR_STAGES} run together, got {stages}")
     from ..model.checkpoint import save_model
     from ..model.config import get_preset
     from ..model.text_encoder import TextEncoder
@@ -123,52 +148,61 @@ def build(out: str | Path, recipe: Recipe | None = None, *, threads: int = 1, lo
     clock = _Clock(log)
     cpu0, wall0 = time.process_time(), time.perf_counter()
 
-    with clock("assets"):
-        te_dir, vae_dir = out / "text_encoder", out / "vae"
-        shutil.rmtree(te_dir, ignore_errors=True)
-        shutil.rmtree(vae_dir, ignore_errors=True)
-        build_tiny_text_encoder(te_dir, extra_words=world.TOY_WORDS, seed=r.seed)
-        shutil.copytree(ensure_tiny_assets()["vae"], vae_dir, ignore=shutil.ignore_patterns("arcopo_tiny_asset.json"))
-        renormalise_vae(vae_dir, world.scenes(r.seed + 7, 64))
-        cfg = get_preset("toy")
-        text = TextEncoder(te_dir, text_len=cfg.text_len)
-        vae = WanVAE(vae_dir)
-        prompts = [s.prompt for s in world.scenes(r.prompts_seed, r.num_prompts, two_objects=0.0)]
-        (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    te_dir, vae_dir = out / "text_encoder", out / "vae"
+    if "assets" in stages:
+        with clock("assets"):
+            shutil.rmtree(te_dir, ignore_errors=True)
+            shutil.rmtree(vae_dir, ignore_errors=True)
+            build_tiny_text_encoder(te_dir, extra_words=world.TOY_WORDS, seed=r.seed)
+            shutil.copytree(ensure_tiny_assets()["vae"], vae_dir, ignore=shutil.ignore_patterns("arcopo_tiny_asset.json"))
+            renormalise_vae(vae_dir, world.scenes(r.seed + 7, 64))
+            prompts = [s.prompt for s in world.scenes(r.prompts_seed, r.num_prompts, two_objects=0.0)]
+            (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    cfg = get_preset("toy")
+    text = TextEncoder(te_dir, text_len=cfg.text_len)
+    vae = WanVAE(vae_dir)
+    if "data" not in stages:
+        return _finish(out, r, clock, threads, command, cpu0, wall0, log)
 
     with clock("data"):
-        scenes = world.scenes(r.seed, r.train_clips, two_objects=r.two_objects)
+        scenes = world.scenes(r.seed, r.train_clips if all(gen) else r.reward_clips, two_objects=r.two_objects)
         lat, clips = [], []
         with torch.no_grad():
             for i in range(0, len(scenes), 16):
                 v = world.render_batch(scenes[i : i + 16])
                 z = vae.encode(v)
                 lat.append(z)
-                if i < r.reward_clips:
+                if i < r.reward_clips and "rewards" in stages:
                     clips.append(reward_models.to_clip(vae.decode(z)))
         latents = torch.cat(lat)
-        clips = torch.cat(clips)[: r.reward_clips]
+        clips = torch.cat(clips)[: r.reward_clips] if clips else None
         emb = text.encode([s.prompt for s in scenes])
         data = base.LatentSet(latents, emb)
-        log(f"latents {tuple(latents.shape)} std {latents.std():.3f}; reward clips {tuple(clips.shape)}")
+        log(f"latents {tuple(latents.shape)} std {latents.std():.3f}")
 
-    with clock("rewards"):
-        labels = [s.labels for s in scenes[: r.reward_clips]]
-        bgs = torch.tensor([lab["background"][0] for lab in labels])
-        kw = dict(batch=r.reward_batch, lr=r.reward_lr, seed=r.seed, log=log)
-        nets = {
-            "ta": reward_models.train_ta(clips, labels, steps=r.ta_steps, **kw),
-            "vq": reward_models.train_vq(clips, steps=r.vq_steps, **kw),
-            "mq": reward_models.train_mq(clips, bgs, steps=r.mq_steps, **kw),
-        }
-        for k, net in nets.items():
-            save_file({n: p.detach().contiguous() for n, p in net.state_dict().items()}, str(out / f"reward_{k}.safetensors"))
+    if "rewards" in stages:
+        with clock("rewards"):
+            labels = [s.labels for s in scenes[: r.reward_clips]]
+            bgs = torch.tensor([lab["background"][0] for lab in labels])
+            kw = dict(batch=r.reward_batch, lr=r.reward_lr, seed=r.seed, log=log)
+            nets = {
+                "ta": reward_models.train_ta(clips, labels, steps=r.ta_steps, **kw),
+                "vq": reward_models.train_vq(clips, steps=r.vq_steps, **kw),
+                "mq": reward_models.train_mq(clips, bgs, steps=r.mq_steps, **kw),
+            }
+            for k, net in nets.items():
+                save_file({n: p.detach().contiguous() for n, p in net.state_dict().items()}, str(out / f"reward_{k}.safetensors"))
 
+
+    if not all(gen):
+        return _finish(out, r, clock, threads, command, cpu0, wall0, log)
     sig = sampler_sigmas(r.shift)
     with clock("teacher"):
         torch.manual_seed(r.seed)
         model = CausalWanModel(cfg)
         base.train_teacher(model, data, steps=r.teacher_steps, batch=r.teacher_batch, lr=r.teacher_lr, seed=r.seed, log=log)
+        if teacher_out:  # not shipped: for inspecting the ODE targets' source
+            save_model(model, teacher_out)
 
     with clock("ode"):
         g = torch.Generator().manual_seed(r.seed + 1)
@@ -187,18 +221,31 @@ def build(out: str | Path, recipe: Recipe | None = None, *, threads: int = 1, lo
         base.train_student(student, ends, points, ode_text, student_sigmas=sig, steps=r.student_steps, batch=r.student_batch, lr=r.student_lr, seed=r.seed, log=log)
         save_model(student, out / "base_model.safetensors")
 
+    return _finish(out, r, clock, threads, command, cpu0, wall0, log)
+
+
+def _finish(out: Path, r: Recipe, clock: _Clock, threads: int, command: str | None, cpu0: float, wall0: float, log) -> dict:
+    """Write (or update, after a partial rebuild) the manifest: stage times, the recipe, file hashes."""
+    path = out / "manifest.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if old and old.get("recipe", {}).get("seed") != r.seed:
+        old = {}
+    run = {"command": command or "python -m arcopo_fast.toy build", "stages": sorted(clock.stages),
+           "cpu_s": round(time.process_time() - cpu0, 1), "wall_s": round(time.perf_counter() - wall0, 1)}
     manifest = {
-        "command": command or "python -m arcopo_fast.toy build",
+        "command": "python -m arcopo_fast.toy build" + (f" --seed {r.seed}" if r.seed else ""),
         "seed": r.seed,
         "recipe": dataclasses.asdict(r),
-        "sampler": {"denoising_steps": [1000, 750, 500, 250], "shift": r.shift, "sigmas": sig},
+        "sampler": {"denoising_steps": [1000, 750, 500, 250], "shift": r.shift, "sigmas": sampler_sigmas(r.shift)},
         "threads": threads,
-        "stages": clock.stages,
-        "total": {"cpu_s": round(time.process_time() - cpu0, 1), "wall_s": round(time.perf_counter() - wall0, 1)},
+        "stages": {**old.get("stages", {}), **clock.stages},
+        "runs": [*old.get("runs", []), run],
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()},
     }
+    manifest["total"] = {k: round(sum(st[k] for st in manifest["stages"].values()), 1) for k in ("cpu_s", "wall_s")}
     manifest["sha256"] = assets.file_hashes(out)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    log(f"manifest: {path} (stages {sorted(manifest['stages'])}; {manifest['total']['cpu_s']:.0f} s CPU in all)")
     return manifest
 
 
@@ -210,6 +257,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible; 2 threads on a busy 2-core box can be far slower)")
     ap.add_argument("--smoke", action="store_true", help="a few steps of every stage (checks the pipeline, useless weights)")
+    ap.add_argument("--teacher-out", default=None, help="also save the teacher here (a .safetensors path; not shipped)")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)} (the generator stages run together)")
     for f in dataclasses.fields(Recipe):
         if f.name != "seed":
             ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
@@ -221,7 +270,7 @@ def main(argv: list[str]) -> int:
         if f.name != "seed" and v is not None:
             setattr(r, f.name, v)
     cmd = "python -m arcopo_fast.toy build " + " ".join(argv)
-    build(a.out, r, threads=a.threads, log=lambda m: print(m, flush=True), command=cmd.strip())
+    build(a.out, r, threads=a.threads, log=lambda m: print(m, flush=True), command=cmd.strip(), stages=tuple(a.stages.split(",")), teacher_out=a.teacher_out)
     return 0
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -49,17 +50,21 @@ def read_prompts(root: str | Path | None = None) -> list[str]:
 
 @torch.no_grad()
 def recognition(gen, reward, prompts: list[str], samples_per_prompt: int = 2, num_chunks: int = 3) -> dict:
-    from ..rewards.toy import prepare, prompt_targets, recognised
+    from ..rewards.toy import TA_HEADS, prepare, prompt_targets, recognised
 
-    hits, scores = [], {}
+    hits, per, scores = [], {k: [] for k in TA_HEADS}, {}
     for p in prompts:
         lat = gen.sampler.generate(gen.cross([p] * samples_per_prompt), num_chunks=num_chunks, latent_hw=(8, 8), samples=list(range(samples_per_prompt)))
         videos = gen.vae.decode(lat).float()
         logits = reward.ta.net(prepare(videos))
-        hits.append(recognised(logits, prompt_targets([p] * samples_per_prompt)))
+        targets = prompt_targets([p] * samples_per_prompt)
+        hits.append(recognised(logits, targets))
+        for k in TA_HEADS:
+            per[k].append(recognised(logits, targets, heads=(k,)))
         for k, v in reward(videos, [p] * samples_per_prompt).items():
             scores.setdefault(k, []).append(v)
     out = {"recognition_rate": float(torch.cat(hits).float().mean()), "videos": len(prompts) * samples_per_prompt}
+    out.update({f"recognition_rate/{k}": float(torch.cat(v).float().mean()) for k, v in per.items()})
     out.update({f"mean/{k}": float(torch.cat(v).mean()) for k, v in scores.items()})
     return out
 
@@ -89,6 +94,32 @@ def spreads(gen, reward, prompts: list[str], *, group_size: int = 8, perturb_sca
             if sel:
                 out[k][f"within_group_std_pivot{piv}"] = sum(sel) / len(sel)
     out["groups"] = len(rows)
+    return out
+
+
+@torch.no_grad()
+def adapter_effect(trainer, prompts: list[str], samples_per_prompt: int = 2, sample_offset: int = 10_000) -> dict:
+    """Mean toy_videoalign components of a trainer's model on fixed prompts and noises, with its adapters
+    disabled ('before': the base model) and enabled ('after'). Noise ids start at sample_offset (never a
+    training group's)."""
+    from .. import adapters
+    from ..rewards.toy import ToyVideoAlign
+
+    reward = ToyVideoAlign()
+    out = {}
+    for tag in ("before", "after"):
+        ctx = adapters.adapters_disabled(trainer.model) if tag == "before" else contextlib.nullcontext()
+        scores: dict[str, list[torch.Tensor]] = {}
+        with ctx:
+            for p in prompts:
+                cross = trainer.cross_for(p)
+                ids = list(range(sample_offset, sample_offset + samples_per_prompt))
+                lat = trainer.sampler.generate(cross.select(torch.zeros(len(ids), dtype=torch.int64)), num_chunks=trainer.cfg.sampler.num_chunks,
+                                               latent_hw=trainer.latent_hw, samples=ids)
+                for k, v in reward(trainer.vae.decode(lat).float(), [p] * len(ids)).items():
+                    scores.setdefault(k, []).append(v)
+        out[tag] = {k: float(torch.cat(v).mean()) for k, v in scores.items()}
+    out["rise"] = {k: out["after"][k] - out["before"][k] for k in out["after"]}
     return out
 
 
