@@ -116,8 +116,8 @@ def toy_plan() -> Plan:
         iterations=60,  # the default run's
         semi_iterations=100,  # the paper's; a semi iteration neither rolls out nor scores: cheap
         buffer_groups=32,
-        eval_prompts=16,
-        eval_seeds=2,
+        eval_prompts=32,
+        eval_seeds=3,
         min_effect=0.01,  # the toy rewards are probabilities: one percentage point
     )
 
@@ -300,6 +300,8 @@ def run_all(plan: Plan, work: Path, jobs: int = 2, log=print) -> dict[str, Any]:
         "plan": dataclasses.asdict(plan),
         "eval": results,
         "curves": curves,
+        # the buffer's groups: AR-CoPO rollouts of the BASE model, one prompt each (the premise's spreads)
+        "buffer_rewards": [g["rewards"] for g in json.loads((buffer / "index.json").read_text())["groups"]],
         "seconds": dict(seconds, total=time.perf_counter() - t_start),
         "environment": {"jobs": jobs, "python": platform.python_version(), "torch": torch.__version__,
                         "machine": platform.machine(), "cpus": _cpus()},
@@ -349,6 +351,12 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _std(xs: list[float]) -> float:
+    """Population std (as the trainer's reward/group_std)."""
+    m = _mean(xs)
+    return math.sqrt(_mean([(x - m) ** 2 for x in xs])) if xs else float("nan")
+
+
 def judge(raw: dict[str, Any]) -> list[dict[str, Any]]:
     """One verdict per claim: reproduced / partly / not, with the rule and the numbers it read."""
     plan = raw["plan"]
@@ -383,6 +391,9 @@ def judge(raw: dict[str, Any]) -> list[dict[str, Any]]:
     smaller = sum(s < a for a, s in zip(sp_ar[:n_sp], sp_sde[:n_sp]))  # iteration i: same prompt and pivot in both
     less_gain, less_spread = up(ar_vs_sde), _mean(sp_sde) < _mean(sp_ar) and smaller > n_sp / 2
     verdict = "reproduced" if (less_gain and less_spread) else ("partly" if (less_spread or ar_vs_sde["diff"] > 0) else "not")
+    buf = raw.get("buffer_rewards") or []
+    within = _mean([_std(r) for r in buf])
+    between = _std([_mean(r) for r in buf])
     claims.append({
         "id": "b", "claim": "SDE-GRPO gains less and has a smaller within-group reward spread", "verdict": verdict,
         "rule": "reproduced: ar-copo beats sde-grpo on eval reward by > 2 SE AND sde-grpo's mean within-group reward std "
@@ -390,7 +401,18 @@ def judge(raw: dict[str, Any]) -> list[dict[str, Any]]:
                 "ar-copo is ahead without 2 SE; else not",
         "numbers": {"eval_total_gain_ar_copo": g, "eval_total_gain_sde_grpo": g_sde, "ar_copo_minus_sde_grpo": ar_vs_sde,
                     "group_std_ar_copo": _mean(sp_ar), "group_std_sde_grpo": _mean(sp_sde),
-                    "iterations_sde_spread_smaller": smaller, "iterations": n_sp},
+                    "iterations_sde_spread_smaller": smaller, "iterations": n_sp,
+                    "base_within_group_std_ar_copo": within, "base_between_prompt_std": between},
+        "premise": (
+            f"At the base model (the replay buffer's {len(buf)} AR-CoPO groups, one prompt each) the within-group "
+            f"reward std is {within:.4f} against {between:.4f} between prompts (ratio {within / between if between else float('nan'):.2f}). "
+            f"In training, SDE-GRPO's within-group std was {_mean(sp_sde) / _mean(sp_ar) if _mean(sp_ar) else float('nan'):.2f} "
+            f"times AR-CoPO's (smaller in {smaller} of {n_sp} iterations, each with the same prompt and pivot in both runs): "
+            + ("on this model the solver noise moves the reward less than the pivot's initial-noise perturbation, as the "
+               "paper's premise says." if less_spread else
+               "on this model the solver noise moves the reward MORE than the pivot's initial-noise perturbation, the "
+               "opposite of the paper's premise (its few-step sampler is governed by the initial noise).")
+        ),
     })
 
     # c. Without ratio clipping the quality dimension collapses (semi-on-policy, as in the paper's Table 2)
@@ -470,6 +492,16 @@ def judge(raw: dict[str, Any]) -> list[dict[str, Any]]:
 # -- the report ---------------------------------------------------------------------------------------------
 
 
+def _round(x: Any) -> Any:
+    if isinstance(x, float):
+        return float(f"{x:.6g}")
+    if isinstance(x, dict):
+        return {k: _round(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_round(v) for v in x]
+    return x
+
+
 def _cell(v: Any) -> str:
     if isinstance(v, dict) and "diff" in v:
         return _fmt(v)
@@ -483,7 +515,13 @@ def write_report(raw: dict[str, Any], claims: list[dict[str, Any]], out: Path, s
     plan, ev = raw["plan"], raw["eval"]
     keys = ["total", plan["ta_key"], *plan["quality_keys"]]
     paths = {"json": out / f"{stem}.json", "png": out / f"{stem}.png", "md": out / f"{stem}.md"}
-    paths["json"].write_text(json.dumps({"claims": claims, **raw}, indent=1, default=float))
+    # the JSON keeps what the report reads (and the per-video scores), at 6 significant digits
+    keep = {"iteration", "reward/mean", "reward/group_std", "update/clip_frac", "update/ratio_max_dev/epoch0",
+            *(f"reward/{k}/mean" for k in keys[1:])}
+    curves = {n: [{k: v for k, v in r.items() if k in keep} for r in rows] for n, rows in raw["curves"].items()}
+    cols = {"prompt", "seed", *keys}
+    evals = {n: dict(r, rows=[{k: v for k, v in row.items() if k in cols} for row in r["rows"]]) for n, r in ev.items()}
+    paths["json"].write_text(json.dumps(_round({"claims": claims, **raw, "curves": curves, "eval": evals}), separators=(",", ":")))
     _plot(raw, keys, paths["png"])
 
     lines = [
@@ -502,6 +540,7 @@ def write_report(raw: dict[str, Any], claims: list[dict[str, Any]], out: Path, s
     for c in claims:
         nums = "; ".join(f"{k} {_cell(v)}" for k, v in c["numbers"].items() if not isinstance(v, dict) or "diff" in v)
         lines.append(f"| {c['id']}. {c['claim']} | **{c['verdict']}** | {nums} |")
+    lines += [""] + [f"Premise (claim {c['id']}): {c['premise']}" for c in claims if "premise" in c]
     lines += ["", "What moved (every metric of the claims' policies that changed against base by > 2 SE and more "
               f"than {plan.get('min_effect', 0.0):g}):", ""]
     for c in claims:
