@@ -250,6 +250,7 @@ def run_all(plan: Plan, work: Path, jobs: int = 2, log=print) -> dict[str, Any]:
 
     _fresh_work_dir(work)
     t_start = time.perf_counter()
+    load_start = _loadavg()
     base = _write_base(plan, work)
     common = [f"model.checkpoint={base}", f"run.seed={plan.seed}", "run.progress=false", "run.sample_videos=false",
               "run.device=cpu"]
@@ -304,8 +305,16 @@ def run_all(plan: Plan, work: Path, jobs: int = 2, log=print) -> dict[str, Any]:
         "buffer_rewards": [g["rewards"] for g in json.loads((buffer / "index.json").read_text())["groups"]],
         "seconds": dict(seconds, total=time.perf_counter() - t_start),
         "environment": {"jobs": jobs, "python": platform.python_version(), "torch": torch.__version__,
-                        "machine": platform.machine(), "cpus": _cpus()},
+                        "machine": platform.machine(), "cpus": _cpus(), "load_average_start": load_start,
+                        "load_average_end": _loadavg()},
     }
+
+
+def _loadavg() -> float | None:
+    """The 1-minute load average (other processes share the cores: the wall time is only meaningful with it)."""
+    import os
+
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def _cpus() -> int:
@@ -351,6 +360,14 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _thirds(curve: list[float]) -> dict[str, float]:
+    """Mean of the last third of a training curve minus the first third, with the (unpaired) standard error."""
+    n = max(1, len(curve) // 3)
+    a, b = curve[:n], curve[-n:]
+    se = math.sqrt((_std(a) ** 2 + _std(b) ** 2) / n)
+    return {"diff": _mean(b) - _mean(a), "se": se, "n": n}
+
+
 def _std(xs: list[float]) -> float:
     """Population std (as the trainer's reward/group_std)."""
     m = _mean(xs)
@@ -374,12 +391,12 @@ def judge(raw: dict[str, Any]) -> list[dict[str, Any]]:
     # a. AR-CoPO on-policy raises the reward
     g = P("base", "ar-copo", "total")
     curve = [r["reward/mean"] for r in raw["curves"]["ar-copo"]]
-    third = max(1, len(curve) // 3)
     verdict = "reproduced" if up(g) else ("partly" if g["diff"] > 0 else "not")
     claims.append({
         "id": "a", "claim": "AR-CoPO on-policy raises the reward", "verdict": verdict,
         "rule": "reproduced: eval reward of ar-copo above base by > 2 SE; partly: above but not by 2 SE; else not",
-        "numbers": {"eval_total_gain": g, "train_reward_first_third": _mean(curve[:third]), "train_reward_last_third": _mean(curve[-third:])},
+        # each iteration has its own prompt: the thirds differ by prompt as much as by training (unpaired)
+        "numbers": {"eval_total_gain": g, "train_reward_last_minus_first_third": _thirds(curve)},
     })
 
     # b. SDE-GRPO gains less, with a smaller within-group spread
@@ -529,7 +546,8 @@ def write_report(raw: dict[str, Any], claims: list[dict[str, Any]], out: Path, s
         "",
         f"Written by `{command or 'python -m arcopo_fast.toy reproduce'}` (plan `{plan['name']}`, seed {plan['seed']}) in "
         f"{raw['seconds']['total'] / 60:.1f} minutes on {raw['environment']['cpus']} CPU core(s), {raw['environment']['jobs']} "
-        f"run(s) at a time, one thread each (torch {raw['environment']['torch']}). Numbers: `{paths['json'].name}`; plot: "
+        f"run(s) at a time, one thread each (torch {raw['environment']['torch']}; 1-minute load average "
+        f"{raw['environment'].get('load_average_start')} at the start, {raw['environment'].get('load_average_end')} at the end). Numbers: `{paths['json'].name}`; plot: "
         f"`{paths['png'].name}`.",
         "",
         "## Verdicts",
@@ -559,12 +577,13 @@ def write_report(raw: dict[str, Any], claims: list[dict[str, Any]], out: Path, s
             cells.append(f"{mean:.4f}" if name == "base" else f"{mean:.4f} ({_fmt(paired(ev, 'base', name, k))})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Training runs", "", "Semi-on-policy runs train on the buffer's fixed rewards: their policy is judged by "
-              "the evaluation above only. Within-group std: mean over iterations of the reward std inside a group.", "", "| run | iterations | reward first third | reward last third | within-group std | clip frac | seconds |",
+              "the evaluation above only. Each iteration draws its own prompt, so the training thirds differ by prompt "
+              "as much as by training (unpaired ± SE); the evaluation above is the paired measurement. Within-group std: mean over iterations of the reward std inside a group.", "", "| run | iterations | reward first third | reward last third | within-group std | clip frac | seconds |",
               "|---|---|---|---|---|---|---|"]
     for name, rows in raw["curves"].items():
         r = [x["reward/mean"] for x in rows]
         third = max(1, len(r) // 3)
-        first, last = ("(buffer)", "(buffer)") if name.startswith("semi") else (f"{_mean(r[:third]):.4f}", f"{_mean(r[-third:]):.4f}")
+        first, last = ("(buffer)", "(buffer)") if name.startswith("semi") else (f"{_mean(r[:third]):.4f}", f"{_mean(r[-third:]):.4f} ({_fmt(_thirds(r))})")
         lines.append(f"| {name} | {len(rows)} | {first} | {last} | "
                      f"{_mean([x['reward/group_std'] for x in rows]):.4g} | {_mean([x['update/clip_frac'] for x in rows]):.3f} | "
                      f"{raw['seconds'].get(f'train/{name}', float('nan')):.0f} |")
