@@ -92,7 +92,11 @@ class AlgoSection:
     num_anchors: int = 4
     """B: anchors per group and update (symmetric anchor sampling)."""
     clip_eps: float = 1e-4
-    """Ratio clipping epsilon (paper: 1e-4). Clipping must stay on (Table 2: training collapses without)."""
+    """Ratio clipping epsilon (paper: 1e-4). Clipping must stay on (Table 2: training collapses without);
+    .inf disables it, and only together with allow_unclipped."""
+    allow_unclipped: bool = False
+    """Accept clip_eps = .inf (no ratio clipping: the objective is rho * A). An escape hatch for the
+    paper's clipping ablation (python -m arcopo_fast.toy reproduce, claim c), not for training."""
     tau: str | float = "auto"
     """Temperature tau0 of the neighbour softmax: a number, or 'auto' = median off-diagonal old distance of
     the group at each step, fixed at rollout time."""
@@ -184,8 +188,15 @@ class RewardSection:
     with an error naming the reward (a hung reward server); the last checkpoint is kept. None = no limit."""
 
 
+ALGORITHMS = ("ar-copo", "sde-grpo")
+
+
 @dataclass(kw_only=True)
 class RunSection:
+    algorithm: str = "ar-copo"
+    """'ar-copo' (exploration by forking the pivot chunk's initial noise, contrastive neighbour ratio) or
+    'sde-grpo' (the Flow-GRPO / DanceGRPO-style baseline: per-branch solver noise in the pivot chunk,
+    Gaussian transition ratio; rl/sde_grpo.py). Both share rollout, rewards, clipping and the update loop."""
     mode: str = "on-policy"
     """'on-policy' (adapter 'on') or 'semi-on-policy' (adapter 'semi', trained from the replay buffer)."""
     iterations: int = 100
@@ -264,7 +275,11 @@ class TrainConfig:
         need(a.group_size >= 2, "algo.group_size", f"must be >= 2 (got {a.group_size}): advantages need a group")
         need(0 < a.perturb_scale < 1, "algo.perturb_scale", f"must be in (0, 1), got {a.perturb_scale}")
         need(1 <= a.num_anchors <= a.group_size, "algo.num_anchors", f"must be in [1, group_size={a.group_size}], got {a.num_anchors}")
-        need(_positive(a.clip_eps), "algo.clip_eps", f"must be a finite number > 0 (ratio clipping must stay on), got {a.clip_eps}")
+        unclipped = a.allow_unclipped and _number(a.clip_eps) and a.clip_eps == math.inf
+        need(_positive(a.clip_eps) or unclipped, "algo.clip_eps",
+             f"must be a finite number > 0 (ratio clipping must stay on: without it training collapses, paper "
+             f"Table 2), got {a.clip_eps}; .inf (no clipping) only with algo.allow_unclipped=true, to reproduce "
+             "that ablation")
         need(a.tau == "auto" or (_number(a.tau) and _positive(a.tau)), "algo.tau",
              f"must be 'auto' or a finite positive number, got {a.tau!r}")
         need(a.epochs >= 1, "algo.epochs", f"must be >= 1, got {a.epochs}")
@@ -286,6 +301,12 @@ class TrainConfig:
         need(_finite(s.context_noise) and 0 <= s.context_noise < 1000, "sampler.context_noise", f"must be a timestep in [0, 1000), got {s.context_noise}")
         need(s.compile in SAMPLER_COMPILE_MODES, "sampler.compile", f"must be one of {SAMPLER_COMPILE_MODES}, got {s.compile!r}")
         need(s.compile_backend in SAMPLER_COMPILE_BACKENDS, "sampler.compile_backend", f"must be one of {SAMPLER_COMPILE_BACKENDS}, got {s.compile_backend!r}")
+        need(r.algorithm in ALGORITHMS, "run.algorithm", f"must be one of {ALGORITHMS}, got {r.algorithm!r}")
+        if r.algorithm == "sde-grpo":
+            ks = range(T) if a.steps is None else a.steps
+            need(any(k < T - 1 for k in ks), "algo.steps",
+                 f"sde-grpo trains the stochastic transitions k -> k+1, k < {T - 1}: needs >= 2 denoising steps and a "
+                 f"step index below {T - 1}, got denoising_steps={s.denoising_steps}, steps={a.steps}")
         need(r.mode in ("on-policy", "semi-on-policy"), "run.mode", f"must be 'on-policy' or 'semi-on-policy', got {r.mode!r}")
         need(r.fork in ("copy", "zero_copy"), "run.fork", f"must be 'copy' or 'zero_copy', got {r.fork!r}")
         need(r.iterations >= 0, "run.iterations", f"must be >= 0, got {r.iterations}")

@@ -217,10 +217,13 @@ class StreamingSampler:
         cache: KVCache | None,
         *,
         record: bool = False,
+        solver_branches: torch.Tensor | None = None,
     ) -> ChunkTrajectory:
         """Run the T few-step steps of chunk `chunk` from its initial noise x [B, F, C, H, W]. The solver
-        noise xi_{chunk,k} of row b is keyed by samples[b]. Returns the trajectory (inputs and x0 of every
-        step when record=True, else only the final x0)."""
+        noise xi_{chunk,k} of row b is keyed by samples[b] (and by solver_branches[b] when given: branch 0
+        is the shared solver noise of inference and AR-CoPO, other ids give each row its own stream, which
+        is how SDE-GRPO explores). Returns the trajectory (inputs and x0 of every step when record=True,
+        else only the final x0)."""
         sigmas, timesteps, _ = self.tables(x.device)
         T = self.schedule.num_steps
         traj = ChunkTrajectory()
@@ -229,7 +232,8 @@ class StreamingSampler:
                 flow = self.forward(x, timesteps[k], cross, cache)
                 words = None
                 if k < T - 1:
-                    key = self.noise.key(samples, chunk, k + 1, NoiseKind.SOLVER)
+                    branch = 0 if solver_branches is None else solver_branches
+                    key = self.noise.key(samples, chunk, k + 1, NoiseKind.SOLVER, branch)
                     words = self.noise.words(key, device=x.device)
                 x0, x_next = ops.consistency_step(x, flow, sigmas, k, words)
             if record or k == T - 1:

@@ -10,6 +10,8 @@ One iteration, per rank (algorithm.md):
     -> metrics, checkpoint
 Semi-on-policy runs draw the groups from a replay buffer of reference rollouts instead, and rebuild each
 group's prefix cache from its clean latents with the adapters disabled (the reference weights).
+run.algorithm = 'sde-grpo' swaps in the SDE-GRPO baseline's rollout engine and group loss (rl/sde_grpo.py);
+everything else above is shared.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from .model.kv_cache import CrossKV
 from .model.wan import CausalWanModel
 from .profiling import maybe_profile, nvtx_range
 from .rewards.base import RewardError
+from .rl import sde_grpo
 from .rl.loss import group_advantages
 from .rl.replay import ReplayBuffer, weights_digest, write_group, write_index
 from .rl.rollout import GroupSample, RolloutEngine
@@ -56,6 +59,13 @@ from .sampler import FewStepSchedule, StreamingSampler
 EVAL_SAMPLE_ID = 2**31 - 1  # noise id of the before/after sample videos (never a training group)
 
 logger = logging.getLogger(__name__)
+
+
+ALGORITHMS = {
+    # run.algorithm -> (the group rollout engine, the loss of one group); everything else is shared
+    "ar-copo": (RolloutEngine, group_loss),
+    "sde-grpo": (sde_grpo.SdeRolloutEngine, sde_grpo.group_loss),
+}
 
 
 def derive_seed(*parts: Any) -> int:
@@ -141,7 +151,8 @@ class Trainer:
             compile_backend=s.compile_backend,
         )
         a = cfg.algo
-        self.engine = RolloutEngine(
+        engine_cls, self.group_loss = ALGORITHMS[cfg.run.algorithm]
+        self.engine = engine_cls(
             self.sampler,
             num_chunks=s.num_chunks,
             latent_hw=self.latent_hw,
@@ -263,6 +274,7 @@ class Trainer:
     def _buffer_settings(self) -> dict[str, Any]:
         s, a = self.cfg.sampler, self.cfg.algo
         settings = {
+            "algorithm": self.cfg.run.algorithm,  # where the stored branches' exploration noise entered
             "num_chunks": s.num_chunks,
             "latent_hw": list(self.latent_hw),
             "denoising_steps": list(s.denoising_steps),
@@ -415,7 +427,7 @@ class Trainer:
                 no_sync = getattr(self.train_model, "no_sync", None)
                 ctx = no_sync() if (no_sync is not None and j < n - 1) else contextlib.nullcontext()
                 with ctx, autocast:
-                    loss, st = group_loss(self.train_model, self.sampler, s, cross, s.prefix_cache, anchors, self.steps, adv, a.clip_eps)
+                    loss, st = self.group_loss(self.train_model, self.sampler, s, cross, s.prefix_cache, anchors, self.steps, adv, a.clip_eps)
                     (loss / n).backward()
                 stats.append(dict(st, loss=loss.detach()))
             norm = torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip if o.grad_clip > 0 else float("inf"))

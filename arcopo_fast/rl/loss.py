@@ -40,21 +40,32 @@ def clipped_contrastive_loss(
     if advantages.shape != logp_theta.shape[-1:]:
         raise ValueError(f"advantages must be [G={logp_theta.shape[-1]}], got {tuple(advantages.shape)}")
     log_ratio = logp_theta - logp_old.detach()
+    loss, stats = clipped_surrogate(log_ratio, advantages[None, None, :], clip_eps)
+    with torch.no_grad():
+        # exact KL(pi_old || pi_theta) over the G candidates, averaged over anchors and steps
+        stats["kl"] = (logp_old.detach().exp() * -log_ratio.detach()).sum(-1).mean()
+    return loss, stats
+
+
+def clipped_surrogate(
+    log_ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PPO/GRPO clipped surrogate shared by AR-CoPO and SDE-GRPO (rl/sde_grpo.py): loss = -mean of
+    min(rho A, clip(rho, 1 - eps, 1 + eps) A) with rho = exp(log_ratio); `advantages` broadcasts against
+    log_ratio. clip_eps = inf disables clipping (the objective is rho A: only the reproduction's ablation
+    uses it, see config.AlgoSection.allow_unclipped). Stats are detached device scalars."""
     ratio = log_ratio.exp()
-    adv = advantages.detach()[None, None, :]
+    adv = advantages.detach()
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv
     objective = torch.minimum(unclipped, clipped)
     loss = -objective.mean()
     with torch.no_grad():
-        lr = log_ratio.detach()
         stats = {
             "ratio_mean": ratio.detach().mean(),
             "ratio_max_dev": (ratio.detach() - 1).abs().max(),
             # the clipped branch is the active one (the term carries no gradient)
             "clip_frac": (clipped < unclipped).float().mean(),
-            # exact KL(pi_old || pi_theta) over the G candidates, averaged over anchors and steps
-            "kl": (logp_old.detach().exp() * -lr).sum(-1).mean(),
             "objective": objective.detach().mean(),
         }
     return loss, stats

@@ -7,7 +7,9 @@ For one prompt (a group) and a pivot chunk p:
      attention kernel's prefix segment and store only their own chunks);
   3. chunk p of branch i starts from e_i = sqrt(1 - s^2) e*_p + s d_i; every other noise (the solver noise
      of every step, the initial noise of chunks > p) is shared by all branches (controlled noise sharing);
-     the inputs x_{p,k}^i and predictions x0hat_{p,k}^i of chunk p are recorded (no extra forward);
+     the inputs x_{p,k}^i and predictions x0hat_{p,k}^i of chunk p are recorded (no extra forward).
+     `pivot_chunk` is the one place that says where a branch's exploration noise enters (rl/sde_grpo.py
+     overrides it to use per-branch solver noise instead);
   4. the branches finish chunks p+1..L-1, micro-batched, and their clean latents are returned for decoding.
 Chunks are 0-based in code (the paper's p = 1..L is p = 0..L-1 here).
 
@@ -26,7 +28,7 @@ from .. import ops
 from ..model.kv_cache import CrossKV, KVCache
 from ..noise import NoiseKind
 from ..profiling import nvtx_range
-from ..sampler import StreamingSampler
+from ..sampler import ChunkTrajectory, StreamingSampler
 
 FORK_MODES = ("copy", "zero_copy")
 
@@ -124,6 +126,14 @@ class RolloutEngine:
         d = noise.normal(self.sampler.chunk_shape(self.latent_hw), key, device=dev)
         return math.sqrt(1 - s * s) * base + s * d
 
+    def pivot_chunk(
+        self, group: int, pivot: int, branches: torch.Tensor, samples: torch.Tensor, cross: CrossKV, cache: KVCache
+    ) -> ChunkTrajectory:
+        """Chunk p of the given branches (ids [n], CPU), recorded: where AR-CoPO explores. Each branch starts
+        from its perturbed initial noise; the solver noise is shared. (SDE-GRPO overrides this.)"""
+        x = self.perturbed_noise(group, pivot, branches)
+        return self.sampler.denoise_chunk(x, pivot, samples, cross, cache, record=True)
+
     def _generate_prefix(self, cross1: CrossKV, cache: KVCache, group: int, pivot: int) -> torch.Tensor:
         """Chunks 0..pivot-1 for one row (cache row 0), committed; returns their clean latents."""
         dev = self.model.device
@@ -191,8 +201,7 @@ class RolloutEngine:
             crossn = cross1.select(torch.zeros(n, dtype=torch.int64, device=dev))
             samples = torch.full((n,), group, device=dev)
             with nvtx_range(f"branches{i0}"):
-                x = self.perturbed_noise(group, pivot, torch.arange(i0, i0 + n))
-                traj = self.sampler.denoise_chunk(x, pivot, samples, crossn, view, record=True)
+                traj = self.pivot_chunk(group, pivot, torch.arange(i0, i0 + n), samples, crossn, view)
                 inputs.append(torch.stack(traj.inputs, dim=1))
                 x0s.append(torch.stack(traj.x0, dim=1))
                 chunks = [traj.output]

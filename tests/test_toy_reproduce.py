@@ -1,0 +1,115 @@
+"""`python -m arcopo_fast.toy reproduce`: the verdict rules on hand-made numbers, and the whole harness
+(runs, buffer, merge, evaluation, report) at the tiniest settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from arcopo_fast.toy import reproduce
+from arcopo_fast.toy.reproduce import POLICIES, judge, paired
+
+KEYS = ("total", "r/TA", "r/VQ", "r/MQ")
+
+
+def _raw(shift: dict[str, dict[str, float]], spreads=(0.02, 0.005), n=6) -> dict:
+    """Eval rows per policy: a per-video baseline plus a shift per metric; curves with the given spreads."""
+    base = [{"total": 1.0 + 0.1 * i, "r/TA": 0.5 + 0.01 * i, "r/VQ": 0.3 - 0.01 * i, "r/MQ": 0.2 + 0.02 * (i % 2)} for i in range(n)]
+    ev = {}
+    for p in POLICIES:
+        rows = []
+        for i, b in enumerate(base):
+            noise = 0.001 * ((i * 7 + len(p)) % 3 - 1)  # small, deterministic, paired noise
+            rows.append({"prompt": f"p{i}", "seed": 0, **{k: b[k] + shift.get(p, {}).get(k, 0.0) + noise for k in KEYS}})
+        ev[p] = {"rows": rows, "means": {k: sum(r[k] for r in rows) / n for k in KEYS}, "num_videos": n}
+    curve = lambda s: [{"iteration": i, "reward/mean": 0.1 * i, "reward/group_std": s, "update/clip_frac": 0.1} for i in range(6)]  # noqa: E731
+    return {
+        "plan": {"ta_key": "r/TA", "quality_keys": ["r/VQ", "r/MQ"], "name": "unit", "seed": 0},
+        "eval": ev,
+        "curves": {"ar-copo": curve(spreads[0]), "sde-grpo": curve(spreads[1]), "ta-only": curve(0.01), "semi": curve(0.01), "semi-unclipped": curve(0.01)},
+    }
+
+
+def test_paired_difference_and_standard_error_by_hand():
+    ev = {"a": {"rows": [{"prompt": "x", "seed": 0, "m": 1.0}, {"prompt": "y", "seed": 0, "m": 2.0}, {"prompt": "z", "seed": 0, "m": 3.0}]},
+          "b": {"rows": [{"prompt": "x", "seed": 0, "m": 2.0}, {"prompt": "y", "seed": 0, "m": 2.0}, {"prompt": "z", "seed": 0, "m": 6.0}]}}
+    p = paired(ev, "a", "b", "m")  # differences 1, 0, 3: mean 4/3, sample var 7/3, se sqrt(7/9)
+    assert p["diff"] == pytest.approx(4 / 3) and p["se"] == pytest.approx((7 / 9) ** 0.5) and p["n"] == 3
+    ev["b"]["rows"][0]["seed"] = 1
+    with pytest.raises(ValueError, match="same videos"):
+        paired(ev, "a", "b", "m")
+
+
+def test_the_paper_s_pattern_reproduces_every_claim():
+    raw = _raw({
+        "ar-copo": {"total": 0.3, "r/TA": 0.1},
+        "sde-grpo": {"total": 0.05},
+        "ta-only": {"r/TA": 0.2, "r/MQ": -0.1, "total": 0.1},
+        "semi": {"total": 0.1},
+        "semi-unclipped": {"r/VQ": -0.2, "r/MQ": -0.1, "total": -0.3},
+        "merged": {"total": 0.35, "r/TA": 0.1},
+    })
+    claims = {c["id"]: c for c in judge(raw)}
+    assert {k: c["verdict"] for k, c in claims.items()} == dict.fromkeys("abcde", "reproduced")
+    assert claims["b"]["numbers"]["iterations_sde_spread_smaller"] == 6
+    assert claims["d"]["numbers"]["r/MQ_change"]["diff"] == pytest.approx(-0.1, abs=0.01)
+    assert "_quality_keys" not in raw["eval"]["base"]["rows"][0]  # judge leaves the rows as it found them
+
+
+def test_the_opposite_pattern_reproduces_none():
+    raw = _raw({
+        "ar-copo": {"total": -0.2},
+        "sde-grpo": {"total": 0.3},
+        "ta-only": {"r/TA": -0.1, "r/VQ": 0.1, "r/MQ": 0.1},
+        "semi": {"r/VQ": -0.3, "total": -0.3},
+        "semi-unclipped": {"r/VQ": 0.2, "r/MQ": 0.1},
+        "merged": {"total": -0.4, "r/VQ": -0.5},
+    }, spreads=(0.005, 0.02))
+    assert [c["verdict"] for c in judge(raw)] == ["not"] * 5
+
+
+def test_partial_patterns_are_called_partly():
+    # ar-copo ahead of sde-grpo but within noise, while sde-grpo's spread is smaller: b partly
+    raw = _raw({"ar-copo": {"total": 0.3}, "sde-grpo": {"total": 0.2995}})
+    raw["eval"]["sde-grpo"]["rows"][0]["total"] += 0.05  # a noisy pair: the difference loses its 2 SE
+    assert {c["id"]: c["verdict"] for c in judge(raw)}["b"] == "partly"
+
+
+def test_changes_below_the_reward_resolution_are_not_moves():
+    shift = {"ta-only": {"r/TA": 0.2, "r/MQ": -0.005}}
+    raw = _raw(shift)
+    assert {c["id"]: c["verdict"] for c in judge(raw)}["d"] == "reproduced"  # 5e-3 is > 2 SE here
+    raw = _raw(shift)
+    raw["plan"]["min_effect"] = 0.01
+    claims = {c["id"]: c for c in judge(raw)}
+    assert claims["d"]["verdict"] == "partly"  # ... but below a resolution of 0.01
+    assert "ta-only r/MQ" not in claims["d"]["moved"] and "ta-only r/TA" in claims["d"]["moved"]
+
+
+@pytest.mark.slow
+def test_reproduce_command_writes_report_plot_and_numbers_at_the_tiniest_settings(tmp_path):
+    out, work = tmp_path / "docs", tmp_path / "work"
+    argv = ["--plan", "tiny", "--out", str(out), "--work", str(work), "--jobs", "1", "--iterations", "1",
+            "--semi-iterations", "1", "--buffer-groups", "1", "--eval-prompts", "2", "--eval-seeds", "1", "model.embed_cache_dir=null"]
+    assert reproduce.main(argv) == 0
+    data = json.loads((out / "toy_reproduction.json").read_text())
+    assert [c["id"] for c in data["claims"]] == list("abcde")
+    assert all(c["verdict"] in ("reproduced", "partly", "not") for c in data["claims"])
+    assert set(data["eval"]) == set(POLICIES) and all(r["num_videos"] == 2 for r in data["eval"].values())
+    assert all(len(rows) == 1 for rows in data["curves"].values())
+    sde = data["curves"]["sde-grpo"][0]
+    assert sde["update/ratio_max_dev/epoch0"] < 1e-4  # the SDE-GRPO run went through the shared update
+    md = (out / "toy_reproduction.md").read_text()
+    for c in data["claims"]:
+        assert f"**{c['verdict']}**" in md
+    assert (out / "toy_reproduction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the merged weights differ from the base (W0 + dW_semi + s dW_on), and merged eval numbers differ too
+    assert (work / "merged.safetensors").is_file()
+    assert data["eval"]["merged"]["means"] != data["eval"]["base"]["means"]
+    # a second invocation clears its own work folder; a foreign non-empty folder is refused
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    assert reproduce.main(["--plan", "tiny", "--work", str(foreign), "--out", str(out)]) == 2
+    assert (foreign / "keep.txt").is_file()
