@@ -215,13 +215,15 @@ class Trainer:
 
     def _build_model(self) -> CausalWanModel:
         cfg = self.cfg
+        # Seeded either way: the random base weights (no checkpoint) and the LoRA factors drawn by add_lora below
+        # must not depend on what ran before in this process, and must agree across ranks.
+        torch.manual_seed(cfg.run.seed)
         if cfg.model.checkpoint:
             from .model.checkpoint import load_model
 
             model = load_model(cfg.model.checkpoint, ema=cfg.model.ema, device=self.device, dtype=self.dtype,
                                allow_pickle=self.allow_pickle)
         else:
-            torch.manual_seed(cfg.run.seed)  # identical random base weights on every rank
             model = CausalWanModel(get_preset(cfg.model.preset)).to(device=self.device, dtype=self.dtype)
         model.requires_grad_(False)
         model.eval()

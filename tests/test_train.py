@@ -270,3 +270,21 @@ def test_compiled_rollouts_train_like_eager_ones(tmp_path):
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
             else:
                 assert a[k] == b[k], k
+
+
+def test_lora_factors_do_not_depend_on_earlier_random_draws(tmp_path):
+    """A run from a checkpoint draws its LoRA factors from run.seed, not from whatever consumed the global RNG
+    before the Trainer was built (the reproduce harness builds several trainers in one process)."""
+    from model_helpers import make_tiny_model
+
+    from arcopo_fast.model.checkpoint import save_model
+
+    save_model(make_tiny_model(), tmp_path / "base.safetensors")
+    factors = []
+    for i, junk in enumerate((0, 17)):
+        torch.randn(junk)  # other code drew random numbers first
+        t = Trainer(load_config("tiny", None, tiny(tmp_path / f"r{i}", "run.iterations=0", f"model.checkpoint={tmp_path / 'base.safetensors'}")))
+        factors.append({k: v.clone() for k, v in t.model.state_dict().items() if "lora_A" in k})
+        t.close()
+    assert factors[0].keys() and factors[0].keys() == factors[1].keys()
+    assert all(torch.equal(factors[0][k], factors[1][k]) for k in factors[0])
