@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
@@ -134,59 +135,72 @@ def _cfg(plan: Plan, overrides: list[str]):
     return load_config(plan.config_preset, None, [*plan.overrides, *overrides])
 
 
-def _task_setup(seed: int) -> None:
-    """The same numbers whatever --jobs is: one thread, and the global RNG (which draws the LoRA factors'
-    initial values) seeded per task rather than left as earlier tasks of the same process leave it."""
+@contextlib.contextmanager
+def _task_setup(seed: int):
+    """The same numbers whatever --jobs is: one thread, and the global RNG seeded per task rather than left
+    as earlier tasks of the same process leave it. The caller's thread count is given back afterwards
+    (--jobs 1 runs the tasks in the calling process)."""
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _task_train(plan: Plan, run_dir: str, overrides: list[str]) -> dict[str, Any]:
-    _task_setup(plan.seed)
     from ..trainer import Trainer
 
-    t0 = time.perf_counter()
-    cfg = _cfg(plan, [*overrides, f"run.out_dir={run_dir}"])
-    summary = Trainer(cfg).run()
-    return {"summary": summary, "seconds": time.perf_counter() - t0}
+    with _task_setup(plan.seed):
+        t0 = time.perf_counter()
+        cfg = _cfg(plan, [*overrides, f"run.out_dir={run_dir}"])
+        summary = Trainer(cfg).run()
+        return {"summary": summary, "seconds": time.perf_counter() - t0}
 
 
 def _task_collect(plan: Plan, root: str, overrides: list[str]) -> dict[str, Any]:
     """The replay buffer, rolled out by the reference weights (as `python -m arcopo_fast.collect` does)."""
-    _task_setup(plan.seed)
     from ..trainer import Trainer
 
-    t0 = time.perf_counter()
-    cfg = _cfg(plan, [*overrides, f"run.out_dir={Path(root) / 'collect_run'}", "run.mode=on-policy"])
-    Trainer(cfg).collect_buffer(root, plan.buffer_groups)
-    return {"seconds": time.perf_counter() - t0}
+    with _task_setup(plan.seed):
+        t0 = time.perf_counter()
+        cfg = _cfg(plan, [*overrides, f"run.out_dir={Path(root) / 'collect_run'}", "run.mode=on-policy"])
+        trainer = Trainer(cfg)
+        try:
+            trainer.collect_buffer(root, plan.buffer_groups)
+        finally:
+            trainer.close()
+        return {"seconds": time.perf_counter() - t0}
 
 
 def _task_eval(plan: Plan, checkpoint: str, adapter: str | None, base_overrides: list[str]) -> dict[str, Any]:
-    _task_setup(plan.seed)
     from ..data import PromptSet
     from ..evaluate import evaluate
     from ..pipeline import load_generator
-    from ..sampler import FewStepSchedule
+    from ..sampler import FewStepSchedule, latent_frames_to_video_frames
 
-    t0 = time.perf_counter()
-    cfg = _cfg(plan, base_overrides)
-    m, s = cfg.model, cfg.sampler
-    gen = load_generator(
-        checkpoint=checkpoint, text_encoder=m.text_encoder, vae=m.vae, adapters_spec=[(adapter, 1.0)] if adapter else [],
-        seed=cfg.run.seed, schedule=FewStepSchedule(denoising_steps=s.denoising_steps, shift=s.shift, context_noise=s.context_noise),
-        assets_dir=m.assets_dir, embed_cache_dir=m.embed_cache_dir,
-    )
-    prompts = PromptSet(cfg.data.prompts, cfg.run.seed).prompts[: plan.eval_prompts]
-    res = evaluate(
-        generator=gen, prompts=prompts, reward_specs=[dataclasses.asdict(e) for e in cfg.reward.rewards],
-        num_chunks=s.num_chunks, latent_hw=(s.latent_height, s.latent_width),
-        seeds=[EVAL_NOISE_ID0 + j for j in range(plan.eval_seeds)],
-    )
-    res["seconds"] = time.perf_counter() - t0
-    return res
+    with _task_setup(plan.seed):
+        t0 = time.perf_counter()
+        cfg = _cfg(plan, base_overrides)
+        m, s = cfg.model, cfg.sampler
+        pipe = load_generator(
+            checkpoint=checkpoint, text_encoder=m.text_encoder, vae=m.vae, adapters_spec=[(adapter, 1.0)] if adapter else [],
+            seed=cfg.run.seed, schedule=FewStepSchedule(denoising_steps=s.denoising_steps, shift=s.shift, context_noise=s.context_noise),
+            assets_dir=m.assets_dir, embed_cache_dir=m.embed_cache_dir,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        prompts = PromptSet(cfg.data.prompts, cfg.run.seed).prompts[: plan.eval_prompts]
+        res = evaluate(
+            pipeline=pipe, prompts=prompts, reward_specs=[dataclasses.asdict(e) for e in cfg.reward.rewards],
+            height=8 * s.latent_height, width=8 * s.latent_width,  # the VAE's 8x spatial factor
+            num_frames=latent_frames_to_video_frames(s.num_chunks * pipe.model.cfg.chunk_frames),
+            seeds=[EVAL_NOISE_ID0 + j for j in range(plan.eval_seeds)],
+        )
+        res["seconds"] = time.perf_counter() - t0
+        return res
 
 
 def _write_base(plan: Plan, work: Path) -> str:
