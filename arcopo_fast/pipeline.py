@@ -302,14 +302,12 @@ class StreamingPipeline:
         """Generate one video per prompt. Returns StreamingPipelineOutput(frames) (or (frames,) when
         return_dict=False), frames in `output_type` (OUTPUT_TYPES)."""
         _check_output_type(output_type)
-        if output_type == "latent":
-            chunks = list(self.stream(prompt, height=height, width=width, num_frames=num_frames, seed=seed,
-                                      seeds=seeds, output_type="latent"))
-            frames = torch.cat(chunks, dim=1)
-        else:
-            chunks = list(self.stream(prompt, height=height, width=width, num_frames=num_frames, seed=seed,
-                                      seeds=seeds, output_type="pt"))
-            frames = _convert(torch.cat(chunks, dim=1), output_type)
+        kind = "latent" if output_type == "latent" else "pt"  # chunks are joined as tensors, converted once
+        chunks = self.stream(prompt, height=height, width=width, num_frames=num_frames, seed=seed, seeds=seeds,
+                             output_type=kind)
+        frames = torch.cat(list(chunks), dim=1)
+        if kind == "pt":
+            frames = _convert(frames, output_type)
         return StreamingPipelineOutput(frames) if return_dict else (frames,)
 
     @torch.no_grad()

@@ -141,13 +141,21 @@ _WAN_TO_DIFFUSERS: list[tuple[re.Pattern, str]] = [
 ]
 
 
-def wan_to_diffusers_name(name: str) -> str:
-    """The diffusers WanTransformer3DModel name of an original Wan2.1 parameter (or module) name."""
-    for pat, rep in _WAN_TO_DIFFUSERS:
+def rename(rules: list[tuple[re.Pattern, str]], name: str) -> str | None:
+    """`name` rewritten by the first of `rules` (pattern, replacement) that matches it; None if none does."""
+    for pat, rep in rules:
         new, n = pat.subn(rep, name)
         if n:
             return new
-    raise CheckpointError(f"{name!r} has no diffusers WanTransformer3DModel counterpart")
+    return None
+
+
+def wan_to_diffusers_name(name: str) -> str:
+    """The diffusers WanTransformer3DModel name of an original Wan2.1 parameter (or module) name."""
+    new = rename(_WAN_TO_DIFFUSERS, name)
+    if new is None:
+        raise CheckpointError(f"{name!r} has no diffusers WanTransformer3DModel counterpart")
+    return new
 
 
 def wan_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -165,11 +173,7 @@ def diffusers_to_wan(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     matches (e.g. the I2V image embedder) keep their name, so strict loading reports them as unexpected."""
     out = {}
     for k, v in sd.items():
-        new = k
-        for pat, rep in _DIFFUSERS_TO_WAN:
-            new, n = pat.subn(rep, k)
-            if n:
-                break
+        new = rename(_DIFFUSERS_TO_WAN, k) or k
         if new in out:
             raise CheckpointError(f"two diffusers keys map to {new!r} (the second is {k!r})")
         out[new] = v

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, _check_keys, _torch_load
+from .checkpoint import CheckpointError, _check_keys, _torch_load, rename
 
 __all__ = [
     "UMT5_FILE",
@@ -82,10 +82,9 @@ _UMT5_RULES: list[tuple[re.Pattern, str]] = [
 
 def umt5_original_name(name: str) -> str:
     """Wan's name of a transformers UMT5EncoderModel parameter (KeyError for a name with no original)."""
-    for pat, rep in _UMT5_RULES:
-        new, n = pat.subn(rep, name)
-        if n:
-            return new
+    new = rename(_UMT5_RULES, name)
+    if new is not None:
+        return new
     raise KeyError(f"UMT5EncoderModel parameter {name!r} has no counterpart in Wan's T5 encoder")
 
 
