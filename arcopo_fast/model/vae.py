@@ -111,7 +111,9 @@ class WanVAE:
             vae = source
         else:
             raise TypeError(f"source must be a folder or an AutoencoderKLWan, got {type(source).__name__}")
-        self.vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        if vae.dtype != dtype:  # diffusers warns on any .to(dtype=...) call, even a no-op one
+            vae = vae.to(dtype=dtype)
+        self.vae = vae.to(device=device).eval().requires_grad_(False)
         self.device, self.dtype = torch.device(device), dtype
         cfg = self.vae.config
         self.z_dim = int(cfg.z_dim)
