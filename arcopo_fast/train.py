@@ -147,8 +147,12 @@ def main(argv=None) -> int:
         distributed.shutdown()
     if trainer.dist.is_main:
         logger.info("run directory: %s", summary["run_dir"])
+        if "samples_reward_before" in summary:
+            logger.info("reward of the sample videos (same prompts and noises, samples/scores.json): before %.4f -> "
+                        "after %.4f", summary["samples_reward_before"], summary["samples_reward_after"])
         if "reward_first10" in summary:
-            logger.info("mean reward, first 10 iterations %.4f -> last 10 %.4f", summary["reward_first10"], summary["reward_last10"])
+            logger.info("mean training reward, first 10 iterations %.4f -> last 10 %.4f (these also differ by the "
+                        "prompts drawn)", summary["reward_first10"], summary["reward_last10"])
         print(json.dumps(summary))  # the result, on stdout (machine-readable)
     return 0
 

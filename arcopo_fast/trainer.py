@@ -496,7 +496,9 @@ class Trainer:
         """Rank 0: a sample video of data.eval_prompt (a grid with data.eval_prompts) with the current weights
         (tag 'before' runs the base weights: adapters disabled; every prompt uses the same noise), written to
         samples/<tag>.mp4 (+ a PNG contact sheet) and sent to the dashboards under 'samples' at step
-        `iteration`."""
+        `iteration`. The videos are scored with the training reward into samples/scores.json: the same
+        prompts and noises at every tag, so 'before' vs 'after' is a paired measure of what training changed
+        (the training reward's first/last iterations also differ by the prompts drawn)."""
         if not (self.cfg.run.sample_videos and self.dist.is_main):
             return
         from .video_io import tile_videos, write_contact_sheet, write_mp4
@@ -508,13 +510,24 @@ class Trainer:
         ctx = adapters.adapters_disabled(self.model) if tag == "before" else contextlib.nullcontext()
         with torch.no_grad(), ctx:
             lat = self.sampler.generate(cross, num_chunks=self.cfg.sampler.num_chunks, latent_hw=self.latent_hw, samples=[EVAL_SAMPLE_ID] * len(prompts))
-            videos = self.vae.decode(lat).float().cpu()
+            videos = self.vae.decode(lat).float()
+            total, comps = self.reward(videos, prompts)
+            videos = videos.cpu()
         video = videos[0] if len(prompts) == 1 else tile_videos(videos, scale=2 if videos.shape[-1] <= 128 else 1)
         out = self.run_dir / "samples"
         out.mkdir(exist_ok=True)
+        scores = self.sample_scores()
+        scores[tag] = {"iteration": iteration, "reward": float(total.mean()),
+                       **{k: float(v.float().mean()) for k, v in comps.items()}}
+        (out / "scores.json").write_text(json.dumps(scores, indent=2))
         mp4 = write_mp4(out / f"{tag}.mp4", video, fps=16)
         write_contact_sheet(out / f"{tag}.png", video)
         self.log.log_video("samples", iteration, video, fps=16, mp4=mp4)
+
+    def sample_scores(self) -> dict[str, dict[str, float]]:
+        """samples/scores.json: the training reward of the sample videos per tag (write_samples)."""
+        path = self.run_dir / "samples" / "scores.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def run(self) -> dict[str, Any]:
         try:
@@ -582,6 +595,10 @@ class Trainer:
             if len(rewards) >= 20:
                 summary["reward_first10"] = sum(rewards[:10]) / 10
                 summary["reward_last10"] = sum(rewards[-10:]) / 10
+            scores = self.sample_scores()
+            if "before" in scores and "after" in scores:
+                summary["samples_reward_before"] = scores["before"]["reward"]
+                summary["samples_reward_after"] = scores["after"]["reward"]
             self.log.close()
         return summary
 

@@ -242,10 +242,15 @@ def test_non_finite_loss_skips_the_step_and_leaves_the_weights_alone(tmp_path):
 
 def test_observability_outputs(tmp_path):
     out = tmp_path / "obs"
-    train(out, "run.iterations=2", "run.tensorboard=true", "run.sample_videos=true", "run.profile=true")
+    summary, _ = train(out, "run.iterations=2", "run.tensorboard=true", "run.sample_videos=true", "run.profile=true")
     assert any((out / "tensorboard").iterdir())
     for f in ("samples/before.mp4", "samples/after.mp4", "samples/before.png", "profile/iteration1.json"):
         assert (out / f).is_file(), f
+    # the sample videos are scored with the training reward: a paired before/after measure in the summary
+    scores = json.loads((out / "samples" / "scores.json").read_text())
+    assert scores["before"]["iteration"] == 0 and scores["after"]["iteration"] == 2
+    assert set(scores["after"]) == {"iteration", "reward", "MeanRed/red"}
+    assert summary["samples_reward_before"] == scores["before"]["reward"] != summary["samples_reward_after"]
     row = metrics(out)[-1]
     for key in ("reward/mean", "reward/std", "reward/MeanRed/red/mean", "adv/abs_mean", "update/ratio_mean", "update/clip_frac",
                 "update/loss", "update/grad_norm", "lr", "pivots", "tau/mean", "time/rollout", "time/update",
