@@ -107,6 +107,36 @@ def test_ode_grid_holds_the_student_sigmas():
         base.ode_grid([0.9, 0.5], 10)
 
 
+def test_channels_the_decoder_ignores_are_weighted_down_in_the_loss():
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(5, 3, 4, 2, 2, generator=g)
+    lat[:, :, 1] *= 1e-3  # a squashed channel (build.renormalise_vae)
+    w = base.dead_channel_weights(lat, weight=0.02)
+    assert w.tolist() == pytest.approx([1.0, 0.02, 1.0, 1.0])
+    pred, target = torch.randn(lat.shape, generator=g), torch.randn(lat.shape, generator=g)
+    err = (pred - target).pow(2).mean(dim=(0, 1, 3, 4))
+    assert float(base._weighted_mse(pred, target, None)) == pytest.approx(float(err.mean()), rel=1e-6)
+    assert float(base._weighted_mse(pred, target, w)) == pytest.approx(float((err * w).sum() / w.sum()), rel=1e-6)
+
+
+def test_teacher_ema_gives_the_model_the_average_of_its_weights():
+    model = torch.nn.Linear(2, 1, bias=False)
+    ema = base._Ema(model, 0.9)
+    start = model.weight.detach().clone()
+    expect = start.clone()
+    for n in range(1, 4):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update(model)
+        d = min(0.9, (1 + n) / (10 + n))
+        expect = d * expect + (1 - d) * model.weight.detach()
+    ema.copy_to(model)
+    torch.testing.assert_close(model.weight.detach(), expect)
+    assert not torch.equal(expect, start + 3)  # not the last weights
+    with pytest.raises(ValueError, match="ema decay"):
+        base._Ema(model, 1.0)
+
+
 @pytest.mark.slow
 def test_build_smoke_runs_every_stage_and_writes_a_verifiable_manifest(tmp_path):
     from arcopo_fast.toy import assets

@@ -37,7 +37,10 @@ class Recipe:
     two_objects: float = 0.25
     teacher_steps: int = 1000
     teacher_batch: int = 32
-    teacher_lr: float = 1e-3
+    teacher_lr: float = 3e-3
+    teacher_ema: float = 0.999
+    dead_channel_weight: float = 0.02
+    """Loss weight of the latent channels the VAE's decoder ignores (base.dead_channel_weights)."""
     ode_samples: int = 512
     ode_steps: int = 24
     guidance: float = 2.0
@@ -210,7 +213,9 @@ def _build(out, recipe, *, threads, log, command, stages, teacher_out) -> dict:
     with clock("teacher"):
         torch.manual_seed(r.seed)
         model = CausalWanModel(cfg)
-        base.train_teacher(model, data, steps=r.teacher_steps, batch=r.teacher_batch, lr=r.teacher_lr, seed=r.seed, log=log)
+        weights = base.dead_channel_weights(latents, weight=r.dead_channel_weight)
+        base.train_teacher(model, data, steps=r.teacher_steps, batch=r.teacher_batch, lr=r.teacher_lr, seed=r.seed,
+                           ema=r.teacher_ema, channel_weights=weights, log=log)
         if teacher_out:  # not shipped: for inspecting the ODE targets' source
             save_model(model, teacher_out)
 
@@ -228,7 +233,8 @@ def _build(out, recipe, *, threads, log, command, stages, teacher_out) -> dict:
 
     with clock("student"):
         student = copy.deepcopy(model)
-        base.train_student(student, ends, points, ode_text, student_sigmas=sig, steps=r.student_steps, batch=r.student_batch, lr=r.student_lr, seed=r.seed, log=log)
+        base.train_student(student, ends, points, ode_text, student_sigmas=sig, steps=r.student_steps, batch=r.student_batch, lr=r.student_lr, seed=r.seed,
+                            channel_weights=weights, log=log)
         save_model(student, out / "base_model.safetensors")
 
     return _finish(out, r, clock, threads, command, cpu0, wall0, log)
