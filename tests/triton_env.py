@@ -23,3 +23,34 @@ def require_kernel_device() -> None:
     pytest.importorskip("triton")
     if not INTERPRET and not torch.cuda.is_available():
         pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+    if INTERPRET and (why := _interpreter_broken()):
+        pytest.skip(why, allow_module_level=True)
+
+
+_PROBE: list[str | None] = []
+
+
+def _interpreter_broken() -> str | None:
+    """Why this Triton's interpreter cannot run a loop, or None. Triton 3.6's interpreter turns 1-element
+    arrays into Python ints, which numpy 2.4 made an error (every kernel with a loop fails); triton 3.9 is
+    fine. Probed once with a one-loop kernel rather than guessed from version numbers."""
+    if not _PROBE:
+        import numpy
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _count(out, n):
+            acc = 0
+            for _ in range(0, n):
+                acc += 1
+            tl.store(out, acc)
+
+        out = torch.zeros(1, dtype=torch.int32)
+        try:
+            _count[(1,)](out, 3)
+            _PROBE.append(None if int(out) == 3 else f"the Triton {triton.__version__} interpreter miscounts a loop")
+        except Exception as e:  # noqa: BLE001 - any failure of the probe is the reason to skip
+            _PROBE.append(f"the Triton {triton.__version__} interpreter cannot run a loop with numpy "
+                          f"{numpy.__version__} ({type(e).__name__}: {str(e)[:120]}); install numpy<2.4 or a newer triton")
+    return _PROBE[0]
