@@ -115,7 +115,7 @@ def _gate(op: str, variant: str, be: str, t: torch.Tensor) -> str:
 def _resolve(t: torch.Tensor, backend: str | None, op: str) -> tuple[str, bool]:
     want, explicit = _requested(backend)
     if want == "auto":
-        want = "triton" if (t.is_cuda and triton_available()) else "torch"
+        want = "triton" if (t.is_cuda and triton_available() and _triton_dtype(t.dtype)) else "torch"
     elif want in _ATTENTION_ONLY:
         want = "torch"  # an attention-only backend forced for the process: other ops run their torch path
     _check_runnable(want, t, op)
@@ -129,10 +129,20 @@ def resolve_backend(t: torch.Tensor, backend: str | None = None, *, op: str = "o
     return want if explicit else _gate(op, variant, want, t)
 
 
+_TRITON_DTYPES = ("float16", "bfloat16", "float32")  # what every Triton kernel of the package takes
+
+
+def _triton_dtype(dtype) -> bool:
+    return str(dtype).removeprefix("torch.") in _TRITON_DTYPES
+
+
 def _triton_serves_auto(device: torch.device, dtype) -> bool:
-    """Whether "auto" may run our attention kernels for `dtype` on `device`: not fp32 on CUDA, where they
-    would compute TF32 dots (less accurate than the fp32 the caller chose; an fp32 FMA loop is never used).
-    An explicit backend="triton" still gets them."""
+    """Whether "auto" may run our attention kernels for `dtype` on `device`: not for a dtype they lack (e.g.
+    float64: it would only fail its self-test with a warning), not fp32 on CUDA, where they would compute
+    TF32 dots (less accurate than the fp32 the caller chose; an fp32 FMA loop is never used). An explicit
+    backend="triton" still gets them."""
+    if dtype is not None and not _triton_dtype(dtype):
+        return False
     return not (torch.device(device).type == "cuda" and str(dtype) in ("torch.float32", "float32"))
 
 

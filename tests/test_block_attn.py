@@ -379,15 +379,23 @@ def test_fp32_dots_use_tensor_cores_on_gpu(monkeypatch):
 
 
 def test_auto_sends_fp32_attention_on_cuda_to_torch(monkeypatch):
-    """ops: "auto" never measures (or traces) our kernels for fp32 CUDA attention (they would use TF32);
-    half types keep them as a candidate; an explicit backend="triton" is not filtered."""
+    """ops: "auto" never measures (or traces) our kernels for fp32 CUDA attention (they would use TF32) nor
+    for a dtype they lack (float64: it would only fail its self-test, with a warning); half types keep them
+    as a candidate; an explicit backend="triton" is not filtered."""
+    from types import SimpleNamespace
+
     monkeypatch.setattr(ops, "triton_available", lambda: True)
     for op in ("chunk_attention", "block_causal_attention"):
         assert "triton" not in ops.attention_candidates("cuda", op, torch.float32)
         assert "triton" in ops.attention_candidates("cuda", op, torch.bfloat16)
         assert "triton" in ops.attention_candidates("cuda", op, torch.float16)
-    from types import SimpleNamespace
-
+        assert "triton" not in ops.attention_candidates("cuda", op, torch.float64)  # no kernel: no warning
+    # the other ops: auto on a CUDA tensor of a dtype the kernels lack is the torch path, not a failed check
+    fake_cuda = SimpleNamespace(is_cuda=True, dtype=torch.float64, device=torch.device("cuda"))
+    monkeypatch.setattr(ops, "_check_runnable", lambda *a: None)
+    monkeypatch.setenv("ARCOPO_BACKEND", "auto")
+    assert ops._resolve(fake_cuda, None, "consistency_step") == ("torch", False)
+    assert ops._resolve(SimpleNamespace(is_cuda=True, dtype=torch.bfloat16), None, "consistency_step")[0] == "triton"
     from arcopo_fast import backend_choice
 
     monkeypatch.setattr(ops.selftest, "passed", lambda *a: True)
