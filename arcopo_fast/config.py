@@ -23,6 +23,7 @@ import yaml
 
 from .sampler import COMPILE_BACKENDS as SAMPLER_COMPILE_BACKENDS
 from .sampler import COMPILE_MODES as SAMPLER_COMPILE_MODES
+from .sampler import FewStepSchedule
 
 REAL_SIZE_PRESETS = ("wan-1.3b",)
 """Model presets that are refused random weights unless model.allow_random_init=true."""
@@ -81,6 +82,10 @@ class SamplerSection:
     compile_backend: str = "inductor"
     """torch.compile backend of `compile`: 'inductor' (code generation), or 'aot_eager' (traces the same
     graphs without generating code: for checking that a model change still compiles, quickly)."""
+
+    def schedule(self) -> FewStepSchedule:
+        """The sampler's few-step schedule from these fields."""
+        return FewStepSchedule(denoising_steps=self.denoising_steps, shift=self.shift, context_noise=self.context_noise)
 
 
 @dataclass(kw_only=True)
@@ -549,10 +554,10 @@ def preset_toy() -> dict:
     lr: the paper's 1e-5 is for LoRA on the 1.3B model (dim 1536). Adam moves every weight by about lr per
     step, and a layer's output then moves in proportion to its fan-in, so the same per-step change of the
     function at dim 64 needs lr * 1536 / 64 = 2.4e-4 (the muP rule for hidden layers): 2e-4 here."""
-    from .toy.assets import WEIGHTS_DIR, read_manifest
+    from .toy.assets import WEIGHTS_DIR, read_manifest, read_prompts
 
     w = WEIGHTS_DIR
-    prompts = [p for p in (w / "prompts.txt").read_text().splitlines() if p.strip()]
+    prompts = read_prompts(w)
     return {
         "model": {"preset": "toy", "checkpoint": str(w / "base_model.safetensors"), "text_encoder": str(w / "text_encoder"), "vae": str(w / "vae")},
         "sampler": {"num_chunks": 3, "latent_height": 8, "latent_width": 8, "shift": read_manifest(w)["sampler"]["shift"]},

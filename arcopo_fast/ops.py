@@ -56,12 +56,9 @@ def _triton_recent() -> bool:
     if not _importable("triton"):
         return False
     import triton
+    from packaging.version import Version
 
-    parts = []
-    for p in triton.__version__.split("+")[0].split(".")[:2]:
-        digits = "".join(ch for ch in p if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts) >= TRITON_MIN
+    return Version(triton.__version__).release[:2] >= TRITON_MIN
 
 
 def triton_available() -> bool:
@@ -143,7 +140,7 @@ def _triton_serves_auto(device: torch.device, dtype) -> bool:
     backend="triton" still gets them."""
     if dtype is not None and not _triton_dtype(dtype):
         return False
-    return not (torch.device(device).type == "cuda" and str(dtype) in ("torch.float32", "float32"))
+    return not (torch.device(device).type == "cuda" and str(dtype).removeprefix("torch.") == "float32")
 
 
 def attention_candidates(device: torch.device, op: str = "chunk_attention", dtype=None) -> list[str]:

@@ -180,10 +180,10 @@ def main(argv=None) -> int:
             video = torch.cat(chunks, dim=1)
             for b in range(video.shape[0]):
                 written.append(save_video(outs[i + b], video[b], fps=args.fps))
-    logger.info(f"{len(jobs)} x {num_frames} frames {height}x{width} in {dt:.2f} s "
-                f"(first chunk {first:.2f} s, {len(jobs) * num_frames / dt:.1f} FPS end to end)")
+    logger.info("%d x %d frames %dx%d in %.2f s (first chunk %.2f s, %.1f FPS end to end)",
+                len(jobs), num_frames, height, width, dt, first, len(jobs) * num_frames / dt)
     for o in written:
-        logger.info(f"wrote {o}")
+        logger.info("wrote %s", o)
     return 0
 
 

@@ -54,7 +54,7 @@ from .rl.loss import group_advantages
 from .rl.replay import ReplayBuffer, weights_digest, write_group, write_index
 from .rl.rollout import GroupSample, RolloutEngine
 from .rl.update import group_loss, sample_anchors
-from .sampler import FewStepSchedule, StreamingSampler
+from .sampler import StreamingSampler
 
 EVAL_SAMPLE_ID = 2**31 - 1  # noise id of the before/after sample videos (never a training group)
 
@@ -145,7 +145,7 @@ class Trainer:
         self.latent_hw = (s.latent_height, s.latent_width)
         self.sampler = StreamingSampler(
             self.model,
-            FewStepSchedule(denoising_steps=s.denoising_steps, shift=s.shift, context_noise=s.context_noise),
+            s.schedule(),
             seed=cfg.run.seed,
             compile=s.compile,
             compile_backend=s.compile_backend,
@@ -312,10 +312,11 @@ class Trainer:
 
     # -- pieces of an iteration ---------------------------------------------------------------------------
 
-    def cross_for(self, prompt: str) -> CrossKV:
-        """The prompt's cross-attention K/V (one text row), from the on-disk embedding cache when present."""
+    def cross_for(self, prompts: str | Sequence[str]) -> CrossKV:
+        """The cross-attention K/V of a prompt (one text row) or of several (a row each), from the on-disk
+        embedding cache when present."""
         with torch.no_grad():
-            emb = self.text_encoder.encode([prompt]).to(self.device, self.dtype)
+            emb = self.text_encoder.encode([prompts] if isinstance(prompts, str) else list(prompts)).to(self.device, self.dtype)
             return self.model.encode_text(emb)
 
     def pivot_for(self, group: int) -> int:
@@ -466,8 +467,8 @@ class Trainer:
                 raise KeyboardInterrupt(f"second {name}: stopped at once")
             self._stop = True
             if self.dist.is_main:
-                logger.warning(f"{name}: finishing this iteration, writing a checkpoint, then exiting "
-                               "(send it again to stop at once)")
+                logger.warning("%s: finishing this iteration, writing a checkpoint, then exiting "
+                               "(send it again to stop at once)", name)
 
         return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -504,9 +505,7 @@ class Trainer:
         from .video_io import tile_videos, write_contact_sheet, write_mp4
 
         prompts = [self.cfg.data.eval_prompt, *self.cfg.data.eval_prompts]
-        with torch.no_grad():
-            emb = self.text_encoder.encode(prompts).to(self.device, self.dtype)
-            cross = self.model.encode_text(emb)
+        cross = self.cross_for(prompts)
         ctx = adapters.adapters_disabled(self.model) if tag == "before" else contextlib.nullcontext()
         with torch.no_grad(), ctx:
             lat = self.sampler.generate(cross, num_chunks=self.cfg.sampler.num_chunks, latent_hw=self.latent_hw, samples=[EVAL_SAMPLE_ID] * len(prompts))

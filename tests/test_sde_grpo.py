@@ -14,7 +14,7 @@ from arcopo_fast.config import load_config
 from arcopo_fast.noise import NoiseKind
 from arcopo_fast.rl.loss import clipped_surrogate
 from arcopo_fast.rl.rollout import RolloutEngine
-from arcopo_fast.rl.sde_grpo import SdeRolloutEngine, gaussian_logprob, group_loss, transition_loss, transition_steps
+from arcopo_fast.rl.sde_grpo import SdeRolloutEngine, group_loss, transition_loss, transition_steps
 from arcopo_fast.rl.update import sample_anchors
 from arcopo_fast.sampler import StreamingSampler
 
@@ -28,6 +28,14 @@ def _engines(seed=7):
     kw = dict(num_chunks=L, latent_hw=HW, group_size=G, perturb_scale=0.5, micro_batch=G)
     cross1 = model.encode_text(torch.randn(1, 5, model.cfg.text_dim, generator=torch.Generator().manual_seed(3)))
     return SdeRolloutEngine(sampler, **kw), RolloutEngine(sampler, **kw), cross1
+
+
+def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The transition log-likelihood of the module docstring, as a reference: log N(x; mean, std^2 I)
+    averaged over elements; x, mean [N, K, ...], std [K] -> [N, K]."""
+    s = std.view(1, -1, *([1] * (x.ndim - 2)))
+    per_element = -(x - mean).square() / (2 * s * s) - torch.log(s) - 0.5 * math.log(2 * math.pi)
+    return per_element.flatten(2).mean(-1)
 
 
 def test_gaussian_logprob_by_hand():

@@ -207,6 +207,14 @@ class _ToyReward:
         self.net.to(dev)
         return prepare(videos.to(dev))
 
+    def scores(self, x: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The components from prepared clips x (`prepare`), on the net's device."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(self, videos: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.scores(self._prep(videos, prompts), prompts)
+
 
 class ToyTA(_ToyReward):
     """Text alignment: {"TA": mean probability of the prompt's facts, "TA_<attribute>": per attribute}."""
@@ -216,10 +224,8 @@ class ToyTA(_ToyReward):
     net_class = RecogniserNet
     weights = {"TA": 1.0}
 
-    @torch.no_grad()
-    def __call__(self, videos: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        targets = prompt_targets(prompts)
-        return {k: v.float() for k, v in ta_scores(self.net(self._prep(videos, prompts)), targets).items()}
+    def scores(self, x: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {k: v.float() for k, v in ta_scores(self.net(x), prompt_targets(prompts)).items()}
 
 
 class ToyVQ(_ToyReward):
@@ -230,9 +236,8 @@ class ToyVQ(_ToyReward):
     net_class = QualityNet
     weights = {"VQ": 1.0}
 
-    @torch.no_grad()
-    def __call__(self, videos: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        x = self._prep(videos, prompts)[:, ::2]
+    def scores(self, x: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        x = x[:, ::2]
         B, T = x.shape[:2]
         return {"VQ": self.net(x.flatten(0, 1)).sigmoid().view(B, T).mean(1).float()}
 
@@ -245,9 +250,8 @@ class ToyMQ(_ToyReward):
     net_class = MotionNet
     weights = {"MQ": 1.0}
 
-    @torch.no_grad()
-    def __call__(self, videos: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return {"MQ": self.net(self._prep(videos, prompts)).sigmoid().float()}
+    def scores(self, x: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {"MQ": self.net(x).sigmoid().float()}
 
 
 class ToyVideoAlign:
@@ -262,6 +266,9 @@ class ToyVideoAlign:
 
     @torch.no_grad()
     def __call__(self, videos: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        out = {**self.vq(videos, prompts), **self.mq(videos, prompts), **self.ta(videos, prompts)}
+        x = self.ta._prep(videos, prompts)  # checked and prepared once for the three nets
+        for part in (self.vq, self.mq):
+            part.net.to(x.device)
+        out = {**self.vq.scores(x, prompts), **self.mq.scores(x, prompts), **self.ta.scores(x, prompts)}
         out["Overall"] = out["VQ"] + out["MQ"] + out["TA"]
         return out

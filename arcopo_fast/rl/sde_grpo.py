@@ -38,8 +38,6 @@ the rollout costs exactly the same.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..model.kv_cache import CrossKV, KVCache
@@ -67,13 +65,6 @@ def transition_steps(steps: list[int], num_steps: int) -> list[int]:
     if not ks:
         raise ValueError(f"SDE-GRPO trains the transitions k -> k+1 (k < {num_steps - 1}); steps {steps} hold none")
     return ks
-
-
-def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, std^2 I) averaged over elements: x, mean [N, K, ...], std [K] -> [N, K]."""
-    s = std.view(1, -1, *([1] * (x.ndim - 2)))
-    per_element = -(x - mean).square() / (2 * s * s) - torch.log(s) - 0.5 * math.log(2 * math.pi)
-    return per_element.flatten(2).mean(-1)
 
 
 def transition_loss(

@@ -42,6 +42,11 @@ def file_hashes(root: str | Path) -> dict[str, str]:
     }
 
 
+def read_prompts(root: str | Path | None = None) -> list[str]:
+    """The non-empty lines of prompts.txt (the default run's prompts)."""
+    return [p for p in weights_path("prompts.txt", root).read_text().splitlines() if p.strip()]
+
+
 def read_manifest(root: str | Path | None = None) -> dict:
     path = weights_path("manifest.json", root)
     if not path.is_file():

@@ -12,6 +12,7 @@ Stages (CPU time on one thread of a 2-core box is recorded per stage in the mani
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..sampler import FewStepSchedule
 from . import assets, base, reward_models, world
 
 
@@ -63,7 +65,8 @@ class Recipe:
 
 
 def sampler_sigmas(shift: float) -> list[float]:
-    return [float(base.warp(s / 1000, shift)) for s in (1000, 750, 500, 250)]
+    """The few-step sampler's sigmas at this shift (the student's training sigmas)."""
+    return FewStepSchedule(shift=shift).sigmas()
 
 
 def renormalise_vae(vae_dir: Path, scenes: list, ignored: float = 0.01, squash: float = 1e3) -> None:
@@ -98,23 +101,19 @@ def renormalise_vae(vae_dir: Path, scenes: list, ignored: float = 0.01, squash: 
 
 
 class _Clock:
+    """`with clock(name):` times a stage (CPU and wall) into clock.stages and logs its start and end."""
+
     def __init__(self, log):
         self.log, self.stages = log, {}
 
+    @contextlib.contextmanager
     def __call__(self, name):
-        clock = self
-
-        class _Stage:
-            def __enter__(self):
-                self.c, self.w = time.process_time(), time.perf_counter()
-                clock.log(f"[{name}] ...")
-
-            def __exit__(self, *exc):
-                cpu, wall = time.process_time() - self.c, time.perf_counter() - self.w
-                clock.stages[name] = {"cpu_s": round(cpu, 1), "wall_s": round(wall, 1)}
-                clock.log(f"[{name}] done: {cpu:.0f} s CPU, {wall:.0f} s wall")
-
-        return _Stage()
+        c, w = time.process_time(), time.perf_counter()
+        self.log(f"[{name}] ...")
+        yield
+        cpu, wall = time.process_time() - c, time.perf_counter() - w
+        self.stages[name] = {"cpu_s": round(cpu, 1), "wall_s": round(wall, 1)}
+        self.log(f"[{name}] done: {cpu:.0f} s CPU, {wall:.0f} s wall")
 
 
 STAGES = ("assets", "data", "rewards", "teacher", "ode", "student")
@@ -252,7 +251,7 @@ def _finish(out: Path, r: Recipe, clock: _Clock, threads: int, command: str | No
         "command": "python -m arcopo_fast.toy build" + (f" --seed {r.seed}" if r.seed else ""),
         "seed": r.seed,
         "recipe": dataclasses.asdict(r),
-        "sampler": {"denoising_steps": [1000, 750, 500, 250], "shift": r.shift, "sigmas": sampler_sigmas(r.shift)},
+        "sampler": {"denoising_steps": list(FewStepSchedule().denoising_steps), "shift": r.shift, "sigmas": sampler_sigmas(r.shift)},
         "threads": threads,
         "stages": {**old.get("stages", {}), **clock.stages},
         "runs": [*old.get("runs", []), run],

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import assets
+from .assets import read_prompts  # noqa: F401 - the prompts measured on (tests import it from here)
 
 
 def load_toy_generator(root: str | Path | None = None, *, seed: int = 0, checkpoint: str | Path | None = None):
@@ -42,10 +43,6 @@ def toy_rewards(root: str | Path | None = None):
 
     root = Path(root or assets.WEIGHTS_DIR)
     return ToyVideoAlign(ta=str(root / "reward_ta.safetensors"), vq=str(root / "reward_vq.safetensors"), mq=str(root / "reward_mq.safetensors"))
-
-
-def read_prompts(root: str | Path | None = None) -> list[str]:
-    return [p for p in (Path(root or assets.WEIGHTS_DIR) / "prompts.txt").read_text().splitlines() if p.strip()]
 
 
 @torch.no_grad()
@@ -134,7 +131,6 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0, c0 = time.perf_counter(), time.process_time()
     gen = load_toy_generator(a.weights, checkpoint=a.checkpoint)
     reward = toy_rewards(a.weights)

@@ -180,7 +180,7 @@ def _task_eval(plan: Plan, checkpoint: str, adapter: str | None, base_overrides:
     from ..data import PromptSet
     from ..evaluate import evaluate
     from ..pipeline import load_generator
-    from ..sampler import FewStepSchedule, latent_frames_to_video_frames
+    from ..sampler import latent_frames_to_video_frames
 
     with _task_setup(plan.seed):
         t0 = time.perf_counter()
@@ -188,7 +188,7 @@ def _task_eval(plan: Plan, checkpoint: str, adapter: str | None, base_overrides:
         m, s = cfg.model, cfg.sampler
         pipe = load_generator(
             checkpoint=checkpoint, text_encoder=m.text_encoder, vae=m.vae, adapters_spec=[(adapter, 1.0)] if adapter else [],
-            seed=cfg.run.seed, schedule=FewStepSchedule(denoising_steps=s.denoising_steps, shift=s.shift, context_noise=s.context_noise),
+            seed=cfg.run.seed, schedule=s.schedule(),
             assets_dir=m.assets_dir, embed_cache_dir=m.embed_cache_dir,
         )
         pipe.set_progress_bar_config(disable=True)

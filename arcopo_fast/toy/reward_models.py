@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from ..rewards.toy import TA_HEADS, MotionNet, QualityNet, RecogniserNet, _heads
 
 Log = Callable[[str], None] | None
+NetT = TypeVar("NetT", bound=torch.nn.Module)
 
 
 def _log(log: Log, msg: str) -> None:
@@ -56,6 +58,22 @@ def _schedule(opt, step: int, steps: int, lr: float) -> None:
         pg["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
+def _fit(net: NetT, name: str, batch_loss: Callable[[], torch.Tensor], *, steps: int, lr: float, log: Log) -> NetT:
+    """AdamW (weight decay 1e-4) on `batch_loss()` (which draws its own batch) with the warm-up + cosine
+    schedule; logs every 100 steps. Returns the net in eval mode."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    t0 = time.process_time()
+    for step in range(steps):
+        _schedule(opt, step, steps, lr)
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            _log(log, f"{name} step {step}: loss {loss.item():.4f} ({time.process_time() - t0:.0f} s CPU)")
+    return net.eval()
+
+
 # -- TA --------------------------------------------------------------------------------------------------
 
 
@@ -65,14 +83,12 @@ def train_ta(clips: torch.Tensor, labels: list[dict[str, list[int]]], *, steps: 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = RecogniserNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     tg = label_targets(labels)
     dirs = list(DIRECTIONS)
     swap = torch.arange(len(dirs))
     swap[dirs.index("left")], swap[dirs.index("right")] = dirs.index("right"), dirs.index("left")
-    t0 = time.process_time()
-    for step in range(steps):
-        _schedule(opt, step, steps, lr)
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(len(clips), (batch,), generator=g)
         x = _float(clips[idx])
         y = {k: v[idx] for k, v in tg.items()}
@@ -81,13 +97,9 @@ def train_ta(clips: torch.Tensor, labels: list[dict[str, list[int]]], *, steps: 
         y["direction"] = torch.where(flip.view(-1, 1), y["direction"][:, swap], y["direction"])
         out = net(x)
         loss = sum(F.binary_cross_entropy_with_logits(out[k], y[k]) for k in TA_HEADS if k != "background")
-        loss = loss + F.cross_entropy(out["background"], y["background"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            _log(log, f"TA step {step}: loss {loss.item():.4f} ({time.process_time() - t0:.0f} s CPU)")
-    return net.eval()
+        return loss + F.cross_entropy(out["background"], y["background"])
+
+    return _fit(net, "TA", batch_loss, steps=steps, lr=lr, log=log)
 
 
 # -- VQ --------------------------------------------------------------------------------------------------
@@ -136,22 +148,16 @@ def train_vq(clips: torch.Tensor, *, steps: int, batch: int, lr: float, seed: in
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = QualityNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    t0 = time.process_time()
-    for step in range(steps):
-        _schedule(opt, step, steps, lr)
+
+    def batch_loss() -> torch.Tensor:
         ci = torch.randint(len(clips), (batch,), generator=g)
         fi = torch.randint(clips.shape[1], (batch,), generator=g)
         x = _float(clips[ci, fi])
         bad = torch.rand(batch, generator=g) < 0.5
         x = torch.where(bad.view(-1, 1, 1, 1), degrade(x, g), x)
-        loss = F.binary_cross_entropy_with_logits(net(x), (~bad).float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            _log(log, f"VQ step {step}: loss {loss.item():.4f} ({time.process_time() - t0:.0f} s CPU)")
-    return net.eval()
+        return F.binary_cross_entropy_with_logits(net(x), (~bad).float())
+
+    return _fit(net, "VQ", batch_loss, steps=steps, lr=lr, log=log)
 
 
 # -- MQ --------------------------------------------------------------------------------------------------
@@ -187,11 +193,9 @@ def train_mq(clips: torch.Tensor, backgrounds: torch.Tensor, *, steps: int, batc
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = MotionNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     by_bg = {int(b): (backgrounds == b).nonzero().flatten() for b in backgrounds.unique()}
-    t0 = time.process_time()
-    for step in range(steps):
-        _schedule(opt, step, steps, lr)
+
+    def batch_loss() -> torch.Tensor:
         ci = torch.randint(len(clips), (batch,), generator=g)
         x = _float(clips[ci])
         bad = torch.rand(batch, generator=g) < 0.5
@@ -201,10 +205,6 @@ def train_mq(clips: torch.Tensor, backgrounds: torch.Tensor, *, steps: int, batc
             x[i] = corrupt_motion(x[i], partner, g)
         flip = torch.rand(batch, generator=g) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(-1), x)
-        loss = F.binary_cross_entropy_with_logits(net(x), (~bad).float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            _log(log, f"MQ step {step}: loss {loss.item():.4f} ({time.process_time() - t0:.0f} s CPU)")
-    return net.eval()
+        return F.binary_cross_entropy_with_logits(net(x), (~bad).float())
+
+    return _fit(net, "MQ", batch_loss, steps=steps, lr=lr, log=log)

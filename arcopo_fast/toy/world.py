@@ -151,9 +151,9 @@ def _coverage(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> torch
     if shape == "circle":
         d = torch.sqrt(dx * dx + dy * dy) - r
     elif shape == "square":
-        d = torch.maximum(dx.abs(), dy.abs()) - 0.86 * r
+        d = torch.maximum(dx.abs(), dy.abs()) - _EXTENT["square"] * r
     elif shape == "triangle":  # upward equilateral, circumradius R, centroid at the centre
-        R = 1.45 * r
+        R = _EXTENT["triangle"] * r
         d = torch.maximum(dy - R / 2, (math.sqrt(3.0) * dx.abs() - dy) / 2 - R / 2)
     else:
         raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
