@@ -10,7 +10,8 @@ found. One record per (kernel, config):
 
 regs / spills come from ptxas -v ("Used N registers", "N bytes spill stores"), smem_bytes from the
 compiled kernel's metadata (Triton) or ptxas (nvcc), wgmma says whether the PTX issues Hopper warpgroup
-MMAs. Extras: "compile_s", "wgmma_waits" (the pending-group counts of the PTX's wgmma.wait_group, in order: a
+MMAs. Extras: "compile_s", "tma" (TMA copies: the PTX's cp.async.bulk.tensor instructions, by direction:
+{"load": n, "store": n}), "sass_tma" (UTMALDG / UTMASTG instructions in the SASS of a kernel with TMA), "wgmma_waits" (the pending-group counts of the PTX's wgmma.wait_group, in order: a
 count > 0 lets MMAs run on behind the wait), "global_loads" (the
 PTX's global loads by access width in bytes, e.g. {"16": 12, "4": 2}), "error" (the kernel did not
 compile; regs etc. are None).
@@ -40,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["KERNELS", "ATTENTION_KERNELS", "build_report", "format_table"]
+__all__ = ["KERNELS", "ATTENTION_KERNELS", "TMA_KERNELS", "build_report", "format_table"]
 
 HEAD_DIM = 128  # Wan2.1 1.3B and 14B
 NB_A, NB_G = 4, 12  # the paper's anchors and group size
@@ -77,7 +78,7 @@ class _FakeTensor:
         return self._elem
 
 
-def _fwd_specs(kernel, fn, extra, dtype="bf16", kept_only=False):
+def _fwd_specs(kernel, fn, extra, dtype="bf16", kept_only=False, module="arcopo_fast.kernels.block_attn"):
     from arcopo_fast.kernels import block_attn as ba
 
     elem = 4 if dtype == "fp32" else 2
@@ -90,7 +91,7 @@ def _fwd_specs(kernel, fn, extra, dtype="bf16", kept_only=False):
         if kept_only and id(c) not in kept:
             continue
         cx = dict(extra, HEAD_DIM=HEAD_DIM, DOT_PREC=prec, **c.kwargs)
-        specs.append(_spec(kernel, "arcopo_fast.kernels.block_attn", fn, cx, c.num_warps, c.num_stages,
+        specs.append(_spec(kernel, module, fn, cx, c.num_warps, c.num_stages,
                            id(c) in kept, ptrs=_attn_ptrs(dtype), maxnreg=getattr(c, "maxnreg", None)))
     return specs
 
@@ -111,6 +112,11 @@ def _all_specs() -> dict[str, list[dict]]:
         "chunk_fwd_fp32": _fwd_specs("chunk_fwd_fp32", "_chunk_attn_fwd_kernel", dict(seg, SPLIT=False),
                                      dtype="fp32", kept_only=True),
     }
+    tma = "arcopo_fast.kernels.block_attn_tma"
+    specs["chunk_fwd_tma"] = _fwd_specs("chunk_fwd_tma", "_chunk_attn_fwd_tma_kernel", dict(seg, SPLIT=False),
+                                        module=tma)
+    specs["chunk_fwd_split_tma"] = _fwd_specs("chunk_fwd_split_tma", "_chunk_attn_fwd_tma_kernel",
+                                              dict(seg, SPLIT=True), module=tma)
     for name, fn, cx in (("chunk_dq", "_chunk_attn_bwd_dq_kernel", seg),
                          ("block_causal_dq", "_block_causal_bwd_dq_kernel", {})):
         bm, bn, w, s = ba.BWD_DQ_CONFIG[HEAD_DIM]
@@ -202,14 +208,34 @@ def _compile_triton(spec: dict, arch: int) -> dict:
         wgmma="wgmma.mma_async" in ptx,
         wgmma_waits=[int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)],
         global_loads=_load_widths(ptx),
+        tma=_tma_copies(ptx),
         compile_s=round(time.perf_counter() - t0, 2),
     )
+    if any(rec["tma"].values()):
+        rec["sass_tma"] = _sass_tma(k.asm.get("cubin"))
     if regs is None:
         rec["error"] = "no ptxas report (" + text[-200:] + ")"
     return rec
 
 
 _LD = re.compile(r"\b(?:ld\.global|cp\.async\.\w+\.shared\.global)((?:\.[a-z0-9_:]+)*)[^;]*;")
+
+
+def _tma_copies(ptx: str) -> dict[str, int]:
+    """TMA bulk tensor copies of the PTX: global -> shared ("load") and shared -> global ("store")."""
+    copies = re.findall(r"cp\.async\.bulk\.tensor\.\dd\.(shared|global)", ptx)
+    return {"load": copies.count("shared"), "store": copies.count("global")}
+
+
+def _sass_tma(cubin: bytes | None) -> dict[str, int] | str:
+    """UTMALDG / UTMASTG (the TMA instructions) in the SASS, via the cuobjdump that triton ships."""
+    try:
+        from triton.tools.disasm import get_sass
+
+        sass = get_sass(cubin)
+    except Exception as e:  # noqa: BLE001 - no cuobjdump: say so in the record
+        return f"no SASS ({type(e).__name__})"
+    return {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("UTMALDG", "UTMASTG")}
 
 
 def _load_widths(ptx: str) -> dict[str, int]:
@@ -304,12 +330,15 @@ def _compile_cu(src: Path, arch: int, nvcc: str) -> list[dict]:
 # Public
 # ---------------------------------------------------------------------------------------------------------
 
-KERNELS = ("chunk_fwd", "chunk_fwd_split", "chunk_fwd_combine", "block_causal_fwd", "chunk_fwd_fp32",
+KERNELS = ("chunk_fwd", "chunk_fwd_split", "chunk_fwd_tma", "chunk_fwd_split_tma", "chunk_fwd_combine",
+           "block_causal_fwd", "chunk_fwd_fp32",
            "chunk_dq", "block_causal_dq", "chunk_dkdv", "block_causal_dkdv", "bwd_delta",
            "neighbour_fwd", "neighbour_bwd", "cuda_ext")
 # Kernels whose matmuls must run on Hopper tensor cores (wgmma) on sm_90.
-ATTENTION_KERNELS = ("chunk_fwd", "chunk_fwd_split", "block_causal_fwd", "chunk_fwd_fp32", "chunk_dq",
-                     "block_causal_dq", "chunk_dkdv", "block_causal_dkdv")
+ATTENTION_KERNELS = ("chunk_fwd", "chunk_fwd_split", "chunk_fwd_tma", "chunk_fwd_split_tma", "block_causal_fwd",
+                     "chunk_fwd_fp32", "chunk_dq", "block_causal_dq", "chunk_dkdv", "block_causal_dkdv")
+# Kernels that move their tiles with TMA (device-side tensor descriptors) on sm_90.
+TMA_KERNELS = ("chunk_fwd_tma", "chunk_fwd_split_tma")
 
 
 def build_report(*, arch: int = 90, kernels: list[str] | None = None, include_pruned: bool = True,

@@ -3,6 +3,9 @@
 Backends:
   "triton"      arcopo_fast.kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1 for tests)
   "torch"       kernels/reference.py's production torch path (SDPA with its own dispatch for attention)
+  "triton_tma"  chunk attention: our forward with TMA loads (kernels/block_attn_tma.py; sm_90+ and a Triton
+                with device-side tensor descriptors), the same backward as "triton"; other ops run "triton".
+                Never picked by "auto" on CPU; timed against the others by the measured choice on CUDA.
   attention only (arcopo_fast.attention_backends): "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
                 "sdpa_math" (SDPA with that kernel forced), "flex" (FlexAttention), "flash_attn" (when the
                 flash-attn package is importable)
@@ -32,7 +35,7 @@ from . import selftest
 from .kernels import reference as ref
 
 _OP_BACKENDS = ("auto", "torch", "triton")
-_ATTENTION_ONLY = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "flash_attn")
+_ATTENTION_ONLY = ("triton_tma", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "flash_attn")
 _BACKENDS = (*_OP_BACKENDS, *_ATTENTION_ONLY)
 # Devices where "auto" measures attention candidates (tests add "cpu", with fake timers)
 MEASURE_ON = ("cuda",)
@@ -69,6 +72,14 @@ def flash_attn_available() -> bool:
     return _importable("flash_attn")
 
 
+def tma_unsupported(device: torch.device | str) -> str | None:
+    """Why the "triton_tma" chunk-attention forward cannot run on `device` (None: it can): no Triton, a
+    Triton without device-side tensor descriptors, a GPU below sm_90, CPU without the interpreter."""
+    if not triton_available():
+        return "triton is not importable"
+    return _kernel("block_attn_tma").tma_unsupported(device)
+
+
 # torch.compile calls these two while tracing and bakes the answer into the graph: dynamo cannot trace
 # importlib. This is what torch.compiler.assume_constant_result does, without importing torch._dynamo here
 # (that imports triton, which must wait for tests to set TRITON_INTERPRET). On a functools.cache wrapper the
@@ -93,11 +104,13 @@ def _requested(backend: str | None) -> tuple[str, bool]:
 
 
 def _check_runnable(want: str, t: torch.Tensor, op: str) -> None:
-    if want == "triton":
+    if want in ("triton", "triton_tma"):
         if not triton_available():
-            raise RuntimeError(f"{op}: backend 'triton' requested but triton is not importable")
+            raise RuntimeError(f"{op}: backend '{want}' requested but triton is not importable")
         if not (t.is_cuda or interpreting()):
-            raise RuntimeError(f"{op}: backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 on CPU")
+            raise RuntimeError(f"{op}: backend '{want}' needs CUDA tensors, or TRITON_INTERPRET=1 on CPU")
+    if want == "triton_tma" and (why := tma_unsupported(t.device)):
+        raise RuntimeError(f"{op}: backend 'triton_tma' cannot run here: {why}")
     if want == "flash_attn" and not flash_attn_available():
         raise RuntimeError(f"{op}: backend 'flash_attn' requested but flash_attn is not installed")
 
@@ -113,6 +126,8 @@ def _resolve(t: torch.Tensor, backend: str | None, op: str) -> tuple[str, bool]:
     want, explicit = _requested(backend)
     if want == "auto":
         want = "triton" if (t.is_cuda and triton_available() and _triton_dtype(t.dtype)) else "torch"
+    elif want == "triton_tma":
+        want = "triton"  # the TMA variant exists for chunk attention: the other ops run their Triton kernels
     elif want in _ATTENTION_ONLY:
         want = "torch"  # an attention-only backend forced for the process: other ops run their torch path
     _check_runnable(want, t, op)
@@ -150,6 +165,8 @@ def attention_candidates(device: torch.device, op: str = "chunk_attention", dtyp
     out = []
     if triton_available() and (device.type == "cuda" or interpreting()) and _triton_serves_auto(device, dtype):
         out.append("triton")
+        if op == "chunk_attention" and device.type == "cuda" and tma_unsupported(device) is None:
+            out.append("triton_tma")
     out.append("torch")
     if op == "chunk_attention":
         if device.type == "cuda":
@@ -290,14 +307,16 @@ def _traced_attention_backend(op: str, variant: str, device: str, dtype: str) ->
         return "torch"
     from . import backend_choice
 
-    tri = (triton_available() and _triton_serves_auto(dev, dtype)
-           and selftest.passed(op, variant, "triton", device, dtype))
+    ours = lambda be: (triton_available() and _triton_serves_auto(dev, dtype)
+                       and (be == "triton" or tma_unsupported(dev) is None)
+                       and selftest.passed(op, variant, be, device, dtype))
     prefix = f"{op}|{variant}|{dtype.removeprefix('torch.')}|"
     measured = [(backend_choice.bucket_size(k.split("|")[3]), c.backend)
                 for k, c in backend_choice.chooser().choices(dev).items() if k.startswith(prefix)]
     if measured:
-        return "triton" if max(measured)[1] == "triton" and tri else "torch"
-    return "triton" if tri else "torch"
+        won = max(measured)[1]
+        return won if won in ("triton", "triton_tma") and ours(won) else "torch"
+    return "triton" if ours("triton") else "torch"
 
 
 _traced_attention_backend._dynamo_marked_constant = True
@@ -400,10 +419,10 @@ def chunk_attention(
     want, explicit = _requested(backend)
 
     def run(be: str, q=q, k=k, v=v):
-        if be == "triton":
+        if be in ("triton", "triton_tma"):
             from .kernels import block_attn  # a plain import: torch.compile traces it, not importlib
 
-            return block_attn.chunk_attention(q, k, v, *args, scale=scale)
+            return block_attn.chunk_attention(q, k, v, *args, scale=scale, tma=be == "triton_tma")
         if be == "torch":
             return ref.chunk_attention_torch(q, k, v, *args, scale=scale)
         from . import attention_backends
@@ -427,7 +446,7 @@ def chunk_attention(
         if kc is not None:
             lk += n if isinstance(n, int) else kc.shape[1]  # a tensor length: its capacity (no sync)
     names = lambda: [n for n in attention_candidates(q.device, "chunk_attention", q.dtype)
-                     if n in ("torch", "triton") or ab.unsupported(n, call) is None]
+                     if n in ("torch", "triton", "triton_tma") or ab.unsupported(n, call) is None]
     be = _auto_attention("chunk_attention", variant, q, lk, call, names,
                          lambda n: _timed_call(lambda a, b, c: run(n, a, b, c), grad, q, k, v))
     return run(be)
@@ -467,7 +486,7 @@ def block_causal_attention(
     want, explicit = _requested(backend)
 
     def run(be: str, q=q, k=k, v=v):
-        if be == "triton" and window_tokens is None:
+        if be in ("triton", "triton_tma") and window_tokens is None:  # no TMA variant of this one
             from .kernels import block_attn  # a plain import: torch.compile traces it, not importlib
 
             return block_attn.block_causal_attention(q, k, v, chunk_tokens, scale=scale)

@@ -90,12 +90,11 @@ def _compare(ctx: Ctx, item: str, impls: dict[str, Callable[[], object]], ours: 
             if name == ours:
                 raise
             rows.append({"item": item, "impl": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
-    if ours in ms:
-        base = [b for b in baseline_order if b in ms]
-        for r in rows:
-            if r.get("impl") == ours and base:
-                r["vs"] = base[0]
-                r["ratio"] = round(ms[base[0]] / ms[ours], 3)
+    base = [b for b in baseline_order if b in ms]
+    for r in rows:  # ours + "_tma": our TMA forward (triton_tma, sm_90+), rated against the same baseline
+        if r.get("impl") in (ours, ours + "_tma") and r["impl"] in ms and base:
+            r["vs"] = base[0]
+            r["ratio"] = round(ms[base[0]] / ms[r["impl"]], 3)
     return rows
 
 

@@ -34,8 +34,9 @@ H, D, LQ = 12, 128, 4680
 FRAME_TOKENS, FRAMES, CHUNK = 1560, 21, 4680
 LKS = (4680, 18720, 32760)
 BATCHES = (1, 4, 12)
-IMPLS = ("ours", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "flash_attn")
+IMPLS = ("ours", "ours_tma", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "flash_attn")
 DT = torch.bfloat16
+OURS = {"ours": "triton", "ours_tma": "triton_tma"}  # ours_tma: the TMA forward (sm_90+), same backward
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def _rand(*shape, requires_grad=False):
 def _try_warmup(impl, fn):
     """Run once (compiles / autotunes). A BASELINE that cannot run these shapes here skips the case; our
     kernel never does: its failure must fail the benchmark."""
-    if impl == "ours":
+    if impl in OURS:
         out = fn()
         torch.cuda.synchronize()
         return out
@@ -138,8 +139,9 @@ def test_chunk_forward(benchmark, batch, lk, impl):
     q, k, v = (_rand(batch, LQ, H, D) for _ in range(3))
     past = lk - LQ
     kc, vc = (_rand(batch, past, H, D) for _ in range(2)) if past else (None, None)
-    if impl == "ours":
-        fn = lambda: ops.chunk_attention(q, k, v, kc, vc, past, backend="triton")
+    _skip_without_tma(impl)
+    if impl in OURS:
+        fn = lambda: ops.chunk_attention(q, k, v, kc, vc, past, backend=OURS[impl])
     else:
         kk = torch.cat([kc, k], 1) if past else k
         vv = torch.cat([vc, v], 1) if past else v
@@ -147,7 +149,7 @@ def test_chunk_forward(benchmark, batch, lk, impl):
         fn = lambda: run(q, kk, vv)
     out = _try_warmup(impl, fn)
     extra = {}
-    if impl == "ours":
+    if impl in OURS:
         kk = torch.cat([kc, k], 1) if past else k
         vv = torch.cat([vc, v], 1) if past else v
         _check_close(benchmark, out, _sdpa_default(q, kk, vv))
@@ -155,6 +157,11 @@ def test_chunk_forward(benchmark, batch, lk, impl):
         extra["kv_splits"] = _our_kv_splits(batch, lk)
     record(benchmark, fn, cuda=True, flops=attention_flops(batch, H, LQ, lk, D), impl=impl, B=batch, Lq=LQ,
            Lk=lk, H=H, D=D, dtype=str(DT), **extra)
+
+
+def _skip_without_tma(impl: str) -> None:
+    if impl == "ours_tma" and (why := ops.tma_unsupported(torch.device("cuda"))):
+        pytest.skip(f"no TMA here: {why}")
 
 
 def _our_kv_splits(batch: int, lk: int) -> int:
@@ -181,10 +188,11 @@ def test_pivot_forward_backward(benchmark, lk, impl):
     do = _rand(batch, LQ, H, D)
     past = lk - LQ
     kc, vc = (_rand(batch, past, H, D) for _ in range(2)) if past else (None, None)
-    if impl == "ours":
+    _skip_without_tma(impl)
+    if impl in OURS:
 
         def fn():
-            out = ops.chunk_attention(q, k, v, kc, vc, past, backend="triton")
+            out = ops.chunk_attention(q, k, v, kc, vc, past, backend=OURS[impl])
             return torch.autograd.grad(out, (q, k, v), do)
 
     else:
@@ -197,7 +205,7 @@ def test_pivot_forward_backward(benchmark, lk, impl):
             return torch.autograd.grad(out, (q, k, v), do)
 
     grads = _try_warmup(impl, fn)
-    if impl == "ours":
+    if impl in OURS:
         kk = torch.cat([kc, k], 1) if past else k
         vv = torch.cat([vc, v], 1) if past else v
         out = _sdpa_default(q, kk, vv)

@@ -3,6 +3,7 @@
 One module per kernel family, each with its @triton.jit kernels, launcher and autograd wiring
 (block_attn: torch.library custom ops with register_autograd; the others: autograd.Function or inference only):
   block_attn      KV-cached chunk attention (inference + training form) and full-sequence block-causal
+  block_attn_tma  the chunk-attention forward with TMA loads (sm_90+), launched by block_attn on request
   sampler_step    fused few-step consistency step with in-kernel Philox noise
   neighbour       AR-CoPO neighbour-policy distances and log-softmax
   qk_norm_rope    fused q/k RMSNorm + 3D RoPE of the self-attention (inference)

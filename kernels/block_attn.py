@@ -40,6 +40,12 @@ Two ops (arcopo_fast.ops dispatches to them; kernels/reference.py has the torch 
    [cache = chunks < c ; own chunk c]. So row c of the drawing is one chunk_attention call with
    cache_len = c * chunk_tokens.
 
+TMA (kernels/block_attn_tma.py, sm_90+). The same forward with Q, K, V and O moved by TMA through
+device-side tensor descriptors: one descriptor per segment of row b (the row's length as its shape, so the
+keys past it are zero-filled by the TMA unit, never read), one loop per segment. Opt-in (tma=True; the
+"triton_tma" backend of arcopo_fast.ops, timed by the measured backend choice); layouts TMA cannot address
+fall back to the pointer kernel here.
+
 Scheduling. The forward grid is (q tiles, B * H, splits). Program 0 runs fastest, so neighbouring
 programs are q tiles of the same (b, h) and share its K/V in L2. At the production shape (Lq 4680, H 12,
 D 128) B = 1 gives 37 q tiles x 12 heads = 444 programs at BLOCK_M = 128: 3.4 waves on 132 SMs, the last
@@ -846,7 +852,8 @@ def _num_splits(q_tiles: int, bh: int, key_tiles: int, sms: int) -> int:
     return max(1, s)
 
 
-def _chunk_fwd(q, k, v, cache: _Segment | None, prefix: _Segment | None, scale: float):
+def _chunk_fwd(q, k, v, cache: _Segment | None, prefix: _Segment | None, scale: float, tma: bool = False):
+    """tma: launch kernels/block_attn_tma.py's forward when the layouts allow it (else the pointer kernel)."""
     B, Lq, H, D = q.shape
     out = _empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     lse = _empty((B, H, Lq), dtype=torch.float32, device=q.device)
@@ -873,12 +880,20 @@ def _chunk_fwd(q, k, v, cache: _Segment | None, prefix: _Segment | None, scale: 
         HAS_CACHE=cache is not None, CLEN_PTR=clen_ptr, CACHE_ROWS=c_rows,
         HAS_PREFIX=prefix is not None, PLEN_PTR=plen_ptr, SPLIT=n_split > 1, HEAD_DIM=D, DOT_PREC=prec,
     )
+    kernel, tuned = _chunk_attn_fwd_kernel, _chunk_attn_fwd_tuned
+    if tma:
+        from . import block_attn_tma as tma_mod
+
+        if tma_mod.tma_layout_ok(q, k, v, out, kc, vc, kp, vp):
+            kernel, tuned = tma_mod._chunk_attn_fwd_tma_kernel, tma_mod._chunk_attn_fwd_tma_tuned
+            if q.is_cuda:
+                tma_mod.ensure_allocator()
     with on_device(q):
         if not gpu:
-            _chunk_attn_fwd_kernel[(triton.cdiv(Lq, bm), B * H, n_split)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn)
+            kernel[(triton.cdiv(Lq, bm), B * H, n_split)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn)
         else:
             grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H, n_split)
-            _chunk_attn_fwd_tuned[grid](*args, **flags)
+            tuned[grid](*args, **flags)
         if n_split > 1:
             cbm, cw = COMBINE_CONFIG if gpu else (INTERPRET_BLOCKS["fwd"][0], 4)
             _split_combine_kernel[(triton.cdiv(Lq, cbm), B * H)](
@@ -1006,7 +1021,7 @@ def _block_causal_bwd(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_
 # Every tensor an op returns is fresh and contiguous, as its fake impl says.
 #
 #   arcopo_fast::chunk_attention(q, k, v, k_cache?, v_cache?, cache_len, cache_lens?, cache_rows?,
-#                                k_prefix?, v_prefix?, prefix_len, prefix_lens?, prefix_rows?, scale)
+#                                k_prefix?, v_prefix?, prefix_len, prefix_lens?, prefix_rows?, scale, tma)
 #                                -> (out [B, Lq, H, D] like q, lse fp32 [B, H, Lq])
 #   arcopo_fast::chunk_attention_bwd(do, q, k, v, out, lse, <the 10 segment args>, scale, need_dq, need_dkdv)
 #                                -> (dq, dk, dv); a gradient that is not needed comes back as an empty [0]
@@ -1092,12 +1107,12 @@ def _chunk_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k_cache: _Opt, v_cache: _Opt, cache_len: int, cache_lens: _Opt, cache_rows: _Opt,
     k_prefix: _Opt, v_prefix: _Opt, prefix_len: int, prefix_lens: _Opt, prefix_rows: _Opt,
-    scale: float,
+    scale: float, tma: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_unit_stride(t) for t in (q, k, v))
     cache = _op_segment(k_cache, v_cache, cache_len, cache_lens, cache_rows)
     prefix = _op_segment(k_prefix, v_prefix, prefix_len, prefix_lens, prefix_rows)
-    return _chunk_fwd(q, k, v, cache, prefix, scale)
+    return _chunk_fwd(q, k, v, cache, prefix, scale, tma)
 
 
 def _out_lse_fake(q):
@@ -1132,7 +1147,7 @@ def _chunk_attention_bwd_fake(do, q, k, v, *rest):
 
 
 def _chunk_attention_setup(ctx, inputs, output):
-    q, k, v, *segments, scale = inputs
+    q, k, v, *segments, scale, _tma = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.segments = tuple(segments)  # NOT save_for_backward: no version check (see the section comment)
@@ -1213,13 +1228,13 @@ def _chunk_inputs(q, k, v, k_cache, v_cache, cache_len, cache_rows, k_prefix, v_
 
 def chunk_attention_fwd(
     q, k, v, k_cache=None, v_cache=None, cache_len=0, cache_rows=None,
-    k_prefix=None, v_prefix=None, prefix_len=0, prefix_rows=None, *, scale=None, return_lse=False,
+    k_prefix=None, v_prefix=None, prefix_len=0, prefix_rows=None, *, scale=None, return_lse=False, tma=False,
 ):
     """Forward only, no autograd: out [B, Lq, H, D] (and lse [B, H, Lq] fp32, natural log, with return_lse).
     Arguments as chunk_attention."""
     q, k, v, cache, prefix = _chunk_inputs(q, k, v, k_cache, v_cache, cache_len, cache_rows,
                                            k_prefix, v_prefix, prefix_len, prefix_rows)
-    out, lse = _chunk_fwd(q, k, v, cache, prefix, _scale(scale, q.shape[-1]))
+    out, lse = _chunk_fwd(q, k, v, cache, prefix, _scale(scale, q.shape[-1]), tma)
     return (out, lse) if return_lse else out
 
 
@@ -1237,6 +1252,7 @@ def chunk_attention(
     prefix_rows: torch.Tensor | None = None,
     *,
     scale: float | None = None,
+    tma: bool = False,
 ) -> torch.Tensor:
     """softmax(q [prefix ; cache ; k]^T * scale) [prefix ; cache ; v], unmasked, per batch row (autograd).
 
@@ -1251,6 +1267,9 @@ def chunk_attention(
     prefix_len:         as cache_len, for the prefix.
     prefix_rows:        integer tensor [B], required with k_prefix.
     scale:              softmax scale, default 1/sqrt(D).
+    tma:                run the forward with TMA loads (kernels/block_attn_tma.py) where every tensor meets
+                        TMA's layout rules (16-byte aligned data and strides), else the pointer kernel. The
+                        caller checks the device (arcopo_fast.ops.tma_unsupported). Same backward.
 
     Key sequence of query row b (every query of the chunk sees all of it; no causal mask inside a chunk):
 
@@ -1275,7 +1294,7 @@ def chunk_attention(
     q, k, v, cache, prefix = _chunk_inputs(q, k, v, k_cache, v_cache, cache_len, cache_rows,
                                            k_prefix, v_prefix, prefix_len, prefix_rows)
     out, _ = _chunk_attention_op(q, k, v, *_segment_op_args(cache), *_segment_op_args(prefix),
-                                 _scale(scale, q.shape[-1]))
+                                 _scale(scale, q.shape[-1]), bool(tma))
     return out
 
 

@@ -70,12 +70,12 @@ def _qkv(gen, *, grad=(True, True, True), packed=False):
     return tuple(rand(B, LQ, H, D, gen=gen).requires_grad_(g) for g in grad)
 
 
-def _chunk_op_args(q, k, v, kw, scale=0.3):
+def _chunk_op_args(q, k, v, kw, scale=0.3, tma=False):
     """The forward op's arguments, built the way the public chunk_attention builds them."""
     names = ("k_cache", "v_cache", "cache_len", "cache_rows", "k_prefix", "v_prefix", "prefix_len", "prefix_rows")
     seg = [kw.get(n, 0 if n.endswith("_len") else None) for n in names]
     q, k, v, cache, prefix = ba._chunk_inputs(q, k, v, *seg)
-    return (q, k, v, *ba._segment_op_args(cache), *ba._segment_op_args(prefix), scale)
+    return (q, k, v, *ba._segment_op_args(cache), *ba._segment_op_args(prefix), scale, tma)
 
 
 @pytest.mark.parametrize("case", list(CHUNK_OPCHECK_CASES))
@@ -84,13 +84,14 @@ def test_opcheck_chunk_attention(case, poison):
     # "cache-int": only q needs a gradient (need_dkdv=False); "prefix+cache": strided q, k, v views
     q, k, v = _qkv(gen, grad=(True, False, False) if case == "cache-int" else (True,) * 3,
                    packed=case == "prefix+cache")
-    args = _chunk_op_args(q, k, v, CHUNK_OPCHECK_CASES[case](gen))
+    # "prefix+cache": the TMA forward (kernels/block_attn_tma.py) behind the same op
+    args = _chunk_op_args(q, k, v, CHUNK_OPCHECK_CASES[case](gen), tma=case == "prefix+cache")
     torch.library.opcheck(CHUNK_FWD, args)  # requires_grad inputs: autograd registration + AOT backward too
     with torch.no_grad():
         out, lse = CHUNK_FWD(*args)
         do = rand(B, LQ, H, D, gen=gen)
         need = (True, False) if case == "cache-int" else (True, True)  # (need_dq, need_dkdv)
-        bwd_args = (do, *(t.detach() for t in args[:3]), out, lse, *args[3:], *need)
+        bwd_args = (do, *(t.detach() for t in args[:3]), out, lse, *args[3:-1], *need)
         torch.library.opcheck(CHUNK_BWD, bwd_args)
 
 

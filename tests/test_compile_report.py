@@ -4,7 +4,7 @@ Every config the autotuners keep (and the fixed backward / neighbour configs) is
 GPUTarget("cuda", 90) with the ptxas that triton ships. The gate: no register spills in a kept config, every
 attention kernel issues wgmma (Hopper tensor cores), and the kernel-design targets of issue 15 hold
 (forward 128x64 within 168 registers, dq with 64-key tiles, a one-launch neighbour forward, fp32 attention
-on tensor cores). CI compiles the kept configs only (include_pruned=False; the pruned ones are the doctor's
+on tensor cores), and the TMA forward issues TMA copies. CI compiles the kept configs only (include_pruned=False; the pruned ones are the doctor's
 and docs/performance.md's business), in parallel worker processes, each config once per session.
 """
 
@@ -72,6 +72,22 @@ def test_kernel_design_targets(report):
     for r in by("neighbour_fwd") + by("neighbour_bwd"):
         assert r["global_loads"].get("16", 0) > 0 and "2" not in r["global_loads"], r
     assert set(by("neighbour_fwd")[0]["global_loads"]) == {"16"}, by("neighbour_fwd")
+
+
+def test_tma_kernels_use_tma_and_wgmma(report):
+    """The TMA forward (kernels/block_attn_tma.py) moves Q and K/V with TMA (cp.async.bulk.tensor in the PTX,
+    UTMALDG in the SASS), stores O with TMA (UTMASTG; the split variant writes fp32 partials with plain
+    stores), runs its MMAs as wgmma, and its 128x64 configs stay within the pointer kernel's register budget;
+    the pointer kernel issues no TMA."""
+    for name in cr.TMA_KERNELS:
+        recs = [r for r in report if r["kernel"] == name]
+        assert recs, name
+        for r in recs:
+            assert r["wgmma"] and r["tma"]["load"] >= 3 and r["sass_tma"]["UTMALDG"] >= 3, r
+            assert (r["tma"]["store"] >= 1 and r["sass_tma"]["UTMASTG"] >= 1) == (name == "chunk_fwd_tma"), r
+        fwd_128x64 = [r for r in recs if _cfg(r)["BLOCK_M"] == 128 and _cfg(r)["BLOCK_N"] == 64]
+        assert fwd_128x64 and max(r["regs"] for r in fwd_128x64) <= 168, fwd_128x64
+    assert all(r["tma"] == {"load": 0, "store": 0} for r in report if r["kernel"] == "chunk_fwd"), "pointer path"
 
 
 def test_pruned_configs_are_marked_and_a_bad_name_raises():

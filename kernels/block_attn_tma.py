@@ -1,0 +1,206 @@
+"""TMA variant of the chunk-attention forward (sm_90+): Q, the key segments and O move through device-side
+tensor descriptors (Hopper's Tensor Memory Accelerator) instead of per-thread pointer loads.
+
+Same maths, arguments, split-KV and outputs as block_attn._chunk_attn_fwd_kernel (the pointer path, which
+stays the fallback and the default); block_attn._chunk_fwd launches this one when asked (tma=True, the
+"triton_tma" backend of arcopo_fast.ops) and `tma_unsupported` / `tma_layout_ok` allow it.
+
+How the segments map onto descriptors. The pointer kernel walks prefix / cache / own key tiles in ONE loop
+and picks each tile's segment with scalar selects; a descriptor cannot be selected that way without a
+branch around the load. Here each program builds one descriptor per segment and per tensor, for its batch
+row b and head h, with the row's own length as the descriptor's first dimension:
+
+    K_cache desc: base k_cache[cache_rows[b], 0, h, :], shape [cache_len_b, D], strides [token stride, 1]
+
+and walks the segments in three loops (each pipelined by Triton on its own: TMA copies into shared memory
+tracked by mbarriers). Rows past a segment's length lie outside its descriptor: the TMA unit fills them with
+zeros without reading memory, so whatever a cache holds beyond a row's length (NaN included) never reaches
+P V. Their scores (0 after the zero fill) still need the -inf column bias, as in the pointer path. The q
+tile is read, and the output written, through descriptors of [Lq, D] per (b, h): the q rows past Lq are
+zeros, the output rows past Lq are clipped by the store.
+
+Descriptors built on the device live in a global scratch of 128 bytes each, which Triton allocates at
+launch through `triton.set_allocator`; `ensure_allocator` installs a torch allocator when none is set
+(a CUDA-graph capture then takes the scratch from the graph's pool, like any other allocation).
+
+Requirements (TMA's): 16-byte aligned base pointers, token / head / batch strides that are multiples of
+16 bytes, unit head-dim stride. `tma_layout_ok` checks them on the host (data_ptr and strides: no sync);
+block_attn falls back to the pointer kernel when they do not hold. Triton 3.6 and 3.9 both provide
+tl.make_tensor_descriptor and triton.set_allocator; an older or different Triton without them, or a GPU
+below sm_90, never gets this kernel (`tma_unsupported` says why). Under TRITON_INTERPRET=1 the interpreter
+emulates the descriptors (bounds, zero fill, alignment asserts): that is how the tests run it on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import interpreting
+from .block_attn import _FWD_CONFIGS, _M_INIT, _cast, _mma, _prune_fwd_configs, _segment, _softmax_step
+
+TMA_MIN_CAPABILITY = (9, 0)
+
+
+def _api_missing() -> str | None:
+    if not hasattr(tl, "make_tensor_descriptor") or not hasattr(triton, "set_allocator"):
+        return f"triton {triton.__version__} has no device-side tensor descriptors (tl.make_tensor_descriptor)"
+    return None
+
+
+def tma_unsupported(device: torch.device | str) -> str | None:
+    """Why the TMA forward cannot run on `device`, or None. CPU tensors run it only under the interpreter."""
+    why = _api_missing()
+    if why:
+        return why
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None if interpreting() else "TMA needs a CUDA device (or TRITON_INTERPRET=1 on CPU)"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < TMA_MIN_CAPABILITY:
+        return f"TMA needs sm_90 or newer, this device is sm_{cap[0]}{cap[1]}"
+    return None
+
+
+def tma_layout_ok(*tensors: torch.Tensor) -> bool:
+    """Every tensor [*, L, H, D] meets TMA's layout rules: 16-byte aligned data, unit head-dim stride, the
+    other strides multiples of 16 bytes (then every (row, head) base the kernel forms is aligned too)."""
+    for t in tensors:
+        e = t.element_size()
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or any((s * e) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # The descriptors' global scratch for one launch (Triton passes the size; 128-byte alignment is what a
+    # tensormap needs and what the caching allocator gives).
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_allocator() -> None:
+    """Install `_scratch` as Triton's launch-time allocator unless the caller already set one (a per-thread
+    context variable in Triton, so this is checked at every launch: a dict-free attribute read)."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # layout of a future Triton: install ours unconditionally
+        pass
+    triton.set_allocator(_scratch)
+
+
+@triton.jit
+def _desc(base, rows, stride_n, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Descriptor of a [rows, HEAD_DIM] slab of a [.., L, H, D] tensor (token stride stride_n), moved in
+    [BLOCK, HEAD_DIM] boxes. An empty slab gets one row: the walk never loads from it."""
+    return tl.make_tensor_descriptor(base, shape=[tl.maximum(rows, 1), HEAD_DIM], strides=[stride_n, 1],
+                                     block_shape=[BLOCK, HEAD_DIM])
+
+
+@triton.jit
+def _walk_segment(acc, l_i, m_i, q, kd, vd, n, first, lo, hi, qk_scale, offs_n,
+                  BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over one segment of n keys, which owns tiles [first, first + cdiv(n, BLOCK_N)) of the
+    flattened walk; this program does the ones in [lo, hi) (all of them unless split-KV)."""
+    start = tl.maximum(lo, first)
+    end = tl.minimum(hi, first + tl.cdiv(n, BLOCK_N))
+    for t in range(start, end):
+        j = (t - first) * BLOCK_N
+        k = kd.load([j, 0])  # rows >= n: zeros from the TMA unit, memory not read
+        qk = _mma(q, tl.trans(k), None, DOT_PREC)
+        s = qk * qk_scale + tl.where(j + offs_n < n, 0.0, float("-inf"))[None, :]
+        v = vd.load([j, 0])
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["cache_len", "prefix_len"])
+def _chunk_attn_fwd_tma_kernel(
+    Q, K, V, Out, Lse, OPart, LsePart, KC, VC, CLEN, CROWS, KP, VP, PLEN, PROWS,  # as _chunk_attn_fwd_kernel
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    stride_kcb, stride_kcn, stride_kch,
+    stride_vcb, stride_vcn, stride_vch,
+    stride_kpb, stride_kpn, stride_kph,
+    stride_vpb, stride_vpn, stride_vph,
+    cache_len, clen_stride, cache_max,
+    prefix_len, plen_stride, prefix_max,
+    H, Lq, qk_scale,
+    LQ_BUCKET, LK_BUCKET, BH, NSPLIT,  # autotune keys only
+    HAS_CACHE: tl.constexpr, CLEN_PTR: tl.constexpr, CACHE_ROWS: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, PLEN_PTR: tl.constexpr, SPLIT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # grid: (cdiv(Lq, BLOCK_M), B * H, S), as the pointer kernel
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < Lq
+    b64 = b.to(tl.int64)
+    q = _desc(Q + b64 * stride_qb + h * stride_qh, Lq, stride_qn, HEAD_DIM, BLOCK_M).load([start_m, 0])
+
+    n0 = Lq * 0
+    n1 = Lq * 0
+    if HAS_PREFIX:
+        kp, vp, n0 = _segment(KP, VP, PROWS, PLEN, prefix_len, plen_stride, prefix_max, b, h,
+                              stride_kpb, stride_kph, stride_vpb, stride_vph, True, PLEN_PTR)
+    if HAS_CACHE:
+        kc, vc, n1 = _segment(KC, VC, CROWS, CLEN, cache_len, clen_stride, cache_max, b, h,
+                              stride_kcb, stride_kch, stride_vcb, stride_vch, CACHE_ROWS, CLEN_PTR)
+    t1 = tl.cdiv(n0, BLOCK_N)
+    t2 = t1 + tl.cdiv(n1, BLOCK_N)
+    total = t2 + tl.cdiv(Lq, BLOCK_N)
+    if SPLIT:
+        split = tl.program_id(2)
+        n_split = tl.num_programs(2)
+        lo = (total * split) // n_split
+        hi = (total * (split + 1)) // n_split
+    else:
+        lo = 0
+        hi = total
+
+    m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if HAS_PREFIX:
+        acc, l_i, m_i = _walk_segment(acc, l_i, m_i, q, _desc(kp, n0, stride_kpn, HEAD_DIM, BLOCK_N),
+                                      _desc(vp, n0, stride_vpn, HEAD_DIM, BLOCK_N), n0, 0, lo, hi, qk_scale,
+                                      offs_n, BLOCK_N, DOT_PREC)
+    if HAS_CACHE:
+        acc, l_i, m_i = _walk_segment(acc, l_i, m_i, q, _desc(kc, n1, stride_kcn, HEAD_DIM, BLOCK_N),
+                                      _desc(vc, n1, stride_vcn, HEAD_DIM, BLOCK_N), n1, t1, lo, hi, qk_scale,
+                                      offs_n, BLOCK_N, DOT_PREC)
+    kd = _desc(K + b64 * stride_kb + h * stride_kh, Lq, stride_kn, HEAD_DIM, BLOCK_N)
+    vd = _desc(V + b64 * stride_vb + h * stride_vh, Lq, stride_vn, HEAD_DIM, BLOCK_N)
+    acc, l_i, m_i = _walk_segment(acc, l_i, m_i, q, kd, vd, Lq, t2, lo, hi, qk_scale, offs_n, BLOCK_N, DOT_PREC)
+
+    if SPLIT:
+        # fp32 partials [S, B * H, Lq, D]: plain stores (the combine kernel reads them), as the pointer kernel
+        offs_d = tl.arange(0, HEAD_DIM)
+        part = (tl.program_id(2) * BH + bh).to(tl.int64) * Lq + offs_m
+        tl.store(OPart + part[:, None] * HEAD_DIM + offs_d[None, :], acc / tl.maximum(l_i, 1e-30)[:, None],
+                 mask=row_ok[:, None])
+        tl.store(LsePart + part, tl.where(l_i > 0, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), float("-inf")),
+                 mask=row_ok)
+    else:
+        acc = acc / l_i[:, None]
+        od = _desc(Out + b64 * stride_ob + h * stride_oh, Lq, stride_on, HEAD_DIM, BLOCK_M)
+        od.store([start_m, 0], _cast(acc, Out.dtype.element_ty, DOT_PREC))  # rows past Lq: clipped
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        tl.store(Lse + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
+
+
+_chunk_attn_fwd_tma_tuned = triton.autotune(
+    configs=_FWD_CONFIGS,
+    key=["HEAD_DIM", "LQ_BUCKET", "LK_BUCKET", "BH", "HAS_CACHE", "HAS_PREFIX", "NSPLIT"],
+    prune_configs_by={"early_config_prune": _prune_fwd_configs},
+)(_chunk_attn_fwd_tma_kernel)

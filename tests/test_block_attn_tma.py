@@ -1,0 +1,238 @@
+"""kernels/block_attn_tma.py: the chunk-attention forward with TMA loads (device-side tensor descriptors),
+against the float64 reference, and how arcopo_fast.ops exposes it ("triton_tma").
+
+Under TRITON_INTERPRET=1 the interpreter emulates the descriptors: bounds per descriptor dimension (rows
+past a segment's length come back as zeros, memory not read), clipped stores, and TMA's alignment rules
+(asserts). Every case counts the TMA kernel's launches, so a silent fallback to the pointer kernel fails.
+Accuracy: the 2x rule of tests/test_block_attn.py. On a GPU machine with sm_90,
+`TRITON_INTERPRET=0 pytest tests/test_block_attn_tma.py` runs the same cases compiled.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+from triton_env import DEVICE, INTERPRET, require_kernel_device
+
+require_kernel_device()  # sets TRITON_INTERPRET=1 (CPU) unless chosen; before triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from arcopo_fast import ops, selftest  # noqa: E402
+from arcopo_fast.kernels import block_attn as ba  # noqa: E402
+from arcopo_fast.kernels import block_attn_tma as bt  # noqa: E402
+from arcopo_fast.kernels import reference as ref  # noqa: E402
+
+if not INTERPRET and (why := bt.tma_unsupported("cuda")):
+    pytest.skip(why, allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every buffer the kernels write starts as NaN, so an unwritten element fails the comparison."""
+    monkeypatch.setattr(ba, "_empty", lambda shape, *, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                    device=device))
+
+
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """How many times the TMA forward kernel was launched (interpreter launches go through __getitem__)."""
+    count = []
+    real = bt._chunk_attn_fwd_tma_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            count.append(grid)
+            return real[grid]
+
+    if INTERPRET:
+        monkeypatch.setattr(bt, "_chunk_attn_fwd_tma_kernel", Counting())
+    return count
+
+
+def rand(*shape, dtype=torch.float32, gen=None):
+    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=DEVICE, dtype=dtype)
+
+
+def ints(values):
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+def check(name, ours, exact, lowp, slack=1e-5):
+    assert ours.shape == exact.shape and torch.isfinite(ours).all(), f"{name}: shape or non-finite values"
+    err = (ours.double() - exact).abs().max().item()
+    bound = 2 * (lowp.double() - exact).abs().max().item() + slack * max(1.0, exact.abs().max().item())
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e}"
+
+
+def _plant_nan(kx, vx, lens, rows):
+    """NaN in every cache slot past each row's length (what a cache may hold there); returns a finite copy for
+    the reference (which computes 0 x slot for masked keys)."""
+    clean = kx.clone(), vx.clone()
+    lens = lens.tolist() if isinstance(lens, torch.Tensor) else [lens] * len(rows)
+    longest = {}  # a row read by several batch rows: NaN past the longest read
+    for r, n in zip(rows, lens):
+        longest[r] = max(n, longest.get(r, 0))
+    for r, n in longest.items():
+        kx[r, n:] = float("nan")
+        vx[r, n:] = float("nan")
+    return clean
+
+
+# (id, B, Lq, H, D, dtype, cache (R, Lmax, lens, rows) or None, prefix (R, Lmax, len, rows) or None)
+CASES = [
+    # odd Lq (not a multiple of the 16-row tile), per-row cache lengths and rows, int prefix length
+    ("prefix+ragged-bf16-d64", 2, 37, 2, 64, torch.bfloat16, (3, 50, [45, 7], [2, 0]), (2, 20, 13, [1, 1])),
+    ("cache-int-fp16-d128", 1, 19, 1, 128, torch.float16, (1, 40, 33, None), None),
+    ("own-only-fp32-d16", 2, 21, 3, 16, torch.float32, None, None),
+    # a zero-length row, a full row, and a prefix with per-row lengths
+    ("ragged-empty-row-fp16-d32", 3, 17, 2, 32, torch.float16, (3, 32, [0, 32, 18], [1, 2, 0]),
+     (1, 24, [24, 3, 0], [0, 0, 0])),
+]
+
+
+def _case(case, seed):
+    cid, B, Lq, H, D, dtype, cache, prefix = case
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (rand(B, Lq, H, D, dtype=dtype, gen=gen) for _ in range(3))
+    args, clean = [], []
+    for spec in (cache, prefix):
+        if spec is None:
+            args.append((None, None, 0, None))
+            clean.append((None, None))
+            continue
+        R, Lmax, n, rows = spec
+        kx, vx = (rand(R, Lmax, H, D, dtype=dtype, gen=gen) for _ in range(2))
+        n = ints(n) if isinstance(n, list) else n
+        rows_t = None if rows is None else ints(rows)
+        clean.append(_plant_nan(kx, vx, n, rows if rows is not None else list(range(B))))
+        args.append((kx, vx, n, rows_t))
+    (kc, vc, clen, crows), (kp, vp, plen, prows) = args
+    ref_args = (clean[0][0], clean[0][1], clen, crows, clean[1][0], clean[1][1], plen, prows)
+    return q, k, v, (kc, vc, clen, crows, kp, vp, plen, prows), ref_args, rand(B, Lq, H, D, gen=gen)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_tma_forward_matches_float64_reference_and_ignores_nan_past_lengths(case, tma_launches):
+    q, k, v, args, ref_args, _ = _case(case, seed=3)
+    out, lse = ba.chunk_attention_fwd(q, k, v, *args, return_lse=True, tma=True)
+    if INTERPRET:
+        assert len(tma_launches) == 1
+    exact, r_lse = ref.chunk_attention_ref(q, k, v, *ref_args, upcast=True)
+    lowp = ref.chunk_attention_ref(q, k, v, *ref_args, upcast=False)[0]
+    check(case[0], out, exact, lowp)
+    torch.testing.assert_close(lse.double(), r_lse.double(), rtol=0, atol=1e-4)
+
+
+def test_tma_gradients_through_the_op(tma_launches):
+    """chunk_attention(tma=True): the TMA forward, then the pointer backward on its out / lse."""
+    q, k, v, args, ref_args, do = _case(CASES[0], seed=5)
+    grads = []
+    for fn, dt in ((lambda a, b, c: ba.chunk_attention(a, b, c, *args, tma=True), None),
+                   (lambda a, b, c: ref.chunk_attention_ref(a, b, c, *ref_args, upcast=True)[0], torch.float64),
+                   (lambda a, b, c: ref.chunk_attention_ref(a, b, c, *ref_args, upcast=False)[0], None)):
+        leaves = [(t if dt is None else t.to(dt)).detach().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves)
+        grads.append((out, *torch.autograd.grad(out, leaves, do.to(out.dtype))))
+    if INTERPRET:
+        assert len(tma_launches) == 1
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), *grads):
+        check(name, a, b, c)
+
+
+def test_tma_split_kv(monkeypatch, tma_launches):
+    """Split-KV with the TMA kernel: 3 splits over walks whose segments end inside tiles (7, 17, 9 keys) and a
+    row with an empty cache (one of its splits has no tile)."""
+    if not INTERPRET:
+        pytest.skip("forces the split with interpreter tile sizes")
+    monkeypatch.setattr(ba, "_sm_count", lambda device: 1)
+    monkeypatch.setitem(ba.SPLIT_KV, "waves", 6)
+    monkeypatch.setitem(ba.SPLIT_KV, "min_tiles", 1)
+    gen = torch.Generator().manual_seed(12)
+    B, Lq, H, D = 2, 9, 1, 32
+    q, k, v = (rand(B, Lq, H, D, dtype=torch.bfloat16, gen=gen) for _ in range(3))
+    kc, vc = (rand(2, 40, H, D, dtype=torch.bfloat16, gen=gen) for _ in range(2))
+    kp, vp = (rand(1, 20, H, D, dtype=torch.bfloat16, gen=gen) for _ in range(2))
+    clen = ints([0, 17])
+    clean_c = _plant_nan(kc, vc, clen, [0, 1])
+    clean_p = _plant_nan(kp, vp, 7, [0])
+    args = (kc, vc, clen, None, kp, vp, 7, ints([0, 0]))
+    out, lse = ba.chunk_attention_fwd(q, k, v, *args, return_lse=True, tma=True)
+    assert len(tma_launches) == 1 and tma_launches[0][2] == 3  # grid (q tiles, B * H, splits)
+    r_args = (*clean_c, clen, None, *clean_p, 7, ints([0, 0]))
+    exact, r_lse = ref.chunk_attention_ref(q, k, v, *r_args, upcast=True)
+    check("split tma", out, exact, ref.chunk_attention_ref(q, k, v, *r_args, upcast=False)[0])
+    torch.testing.assert_close(lse.double(), r_lse.double(), rtol=0, atol=1e-4)
+
+
+def test_layouts_tma_cannot_address_fall_back_to_the_pointer_kernel(tma_launches):
+    """A q whose data is 2 bytes off 16-byte alignment (a view into a larger buffer): TMA cannot address it,
+    the pointer kernel serves, same result. tma_layout_ok is the host-side rule."""
+    gen = torch.Generator().manual_seed(7)
+    B, Lq, H, D = 1, 20, 2, 16
+    buf = rand(B * Lq * H * D + 1, dtype=torch.float16, gen=gen)
+    q = buf[1:].view(B, Lq, H, D)
+    k, v = (rand(B, Lq, H, D, dtype=torch.float16, gen=gen) for _ in range(2))
+    assert not bt.tma_layout_ok(q) and bt.tma_layout_ok(k, v)
+    assert not bt.tma_layout_ok(rand(1, 5, 1, 20, dtype=torch.float16)[..., :16])  # 40-byte token stride
+    out = ba.chunk_attention_fwd(q, k, v, tma=True)
+    if INTERPRET:
+        assert tma_launches == []
+    torch.testing.assert_close(out, ba.chunk_attention_fwd(q, k, v), rtol=0, atol=0)
+
+
+def test_ops_backend_triton_tma_and_its_gates(monkeypatch):
+    """backend="triton_tma" runs the TMA forward when forced (CPU: interpreter only); "auto" never lists it on
+    CPU, and on CUDA only where TMA exists (sm_90+, a Triton with tensor descriptors); other ops forced to
+    triton_tma run their Triton kernels."""
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (rand(1, 18, 2, 16, dtype=torch.bfloat16, gen=gen) for _ in range(3))
+    got = ops.chunk_attention(q, k, v, backend="triton_tma")
+    torch.testing.assert_close(got, ops.chunk_attention(q, k, v, backend="triton"), rtol=0, atol=0)
+    assert "triton_tma" not in ops.attention_candidates(torch.device("cpu"), "chunk_attention", torch.bfloat16)
+
+    monkeypatch.setattr(ops, "triton_available", lambda: True)
+    for cap, listed in (((9, 0), True), ((8, 6), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        cands = ops.attention_candidates(torch.device("cuda"), "chunk_attention", torch.bfloat16)
+        assert ("triton_tma" in cands) is listed, (cap, cands)
+        assert "triton_tma" not in ops.attention_candidates(torch.device("cuda"), "block_causal_attention",
+                                                            torch.bfloat16)
+    assert "sm_86" in ops.tma_unsupported("cuda")
+    monkeypatch.delattr(bt.tl, "make_tensor_descriptor")
+    assert "tensor descriptors" in ops.tma_unsupported("cuda")
+    with pytest.raises(RuntimeError, match="triton_tma.*tensor descriptors"):
+        ops.chunk_attention(q, k, v, backend="triton_tma")
+    monkeypatch.setenv("ARCOPO_BACKEND", "triton_tma")
+    assert ops._resolve(q, None, "qk_norm_rope")[0] == "triton"
+
+
+def test_selftest_covers_triton_tma(monkeypatch):
+    """The on-device self-test lists triton_tma variants wherever TMA runs (faked sm_90 here) and its check
+    passes against float64 (run here on CPU through the interpreter)."""
+    v = selftest.run_check("chunk_attention", "ragged/fwd/d16", "triton_tma", DEVICE, "bfloat16")
+    assert v.ok, v.error
+    monkeypatch.setattr(ops, "tma_unsupported", lambda device: None)
+    listed = [c for c in selftest.all_checks("cuda:0", "bfloat16", 16) if c[2] == "triton_tma"]
+    assert {c[1] for c in listed} == {f"{k}/{p}/d16" for k in ("own", "cache", "ragged", "prefix")
+                                     for p in ("fwd", "fwd+bwd")}
+    monkeypatch.setattr(ops, "tma_unsupported", lambda device: "no TMA")
+    assert not [c for c in selftest.all_checks("cuda:0", "bfloat16", 16) if c[2] == "triton_tma"]
+
+
+def test_allocator_installed_only_when_none_is_set():
+    """Device-side descriptors need Triton's launch-time allocator: ensure_allocator installs a torch one
+    when none is set and leaves a caller's own allocator alone (run in a copied context: it is a ContextVar)."""
+    import triton
+    from triton.runtime._allocation import _allocator
+
+    def body():
+        bt.ensure_allocator()
+        assert _allocator.get() is bt._scratch
+        mine = lambda size, alignment, stream: None  # noqa: E731
+        triton.set_allocator(mine)
+        bt.ensure_allocator()
+        assert _allocator.get() is mine
+
+    contextvars.copy_context().run(body)
