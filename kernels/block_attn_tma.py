@@ -57,6 +57,8 @@ def tma_unsupported(device: torch.device | str) -> str | None:
     device = torch.device(device)
     if device.type != "cuda":
         return None if interpreting() else "TMA needs a CUDA device (or TRITON_INTERPRET=1 on CPU)"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
     cap = torch.cuda.get_device_capability(device)
     if cap < TMA_MIN_CAPABILITY:
         return f"TMA needs sm_90 or newer, this device is sm_{cap[0]}{cap[1]}"

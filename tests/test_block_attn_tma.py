@@ -193,6 +193,7 @@ def test_ops_backend_triton_tma_and_its_gates(monkeypatch):
     assert "triton_tma" not in ops.attention_candidates(torch.device("cpu"), "chunk_attention", torch.bfloat16)
 
     monkeypatch.setattr(ops, "triton_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for cap, listed in (((9, 0), True), ((8, 6), False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
         cands = ops.attention_candidates(torch.device("cuda"), "chunk_attention", torch.bfloat16)
