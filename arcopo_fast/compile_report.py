@@ -117,10 +117,11 @@ def _all_specs() -> dict[str, list[dict]]:
                                         module=tma)
     specs["chunk_fwd_split_tma"] = _fwd_specs("chunk_fwd_split_tma", "_chunk_attn_fwd_tma_kernel",
                                               dict(seg, SPLIT=True), module=tma)
-    for name, fn, cx in (("chunk_dq", "_chunk_attn_bwd_dq_kernel", seg),
-                         ("block_causal_dq", "_block_causal_bwd_dq_kernel", {})):
+    for name, m, fn, cx in (("chunk_dq", mod, "_chunk_attn_bwd_dq_kernel", seg),
+                            ("chunk_dq_tma", tma, "_chunk_attn_bwd_dq_tma_kernel", seg),
+                            ("block_causal_dq", mod, "_block_causal_bwd_dq_kernel", {})):
         bm, bn, w, s = ba.BWD_DQ_CONFIG[HEAD_DIM]
-        specs[name] = [_spec(name, mod, fn, dict(cx, HEAD_DIM=HEAD_DIM, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="tf32"),
+        specs[name] = [_spec(name, m, fn, dict(cx, HEAD_DIM=HEAD_DIM, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="tf32"),
                              w, s, True, ptrs=ptrs)]
     for name, causal in (("chunk_dkdv", False), ("block_causal_dkdv", True)):
         bm, bn, w, s = ba.BWD_DKDV_CONFIG[HEAD_DIM]
@@ -332,13 +333,14 @@ def _compile_cu(src: Path, arch: int, nvcc: str) -> list[dict]:
 
 KERNELS = ("chunk_fwd", "chunk_fwd_split", "chunk_fwd_tma", "chunk_fwd_split_tma", "chunk_fwd_combine",
            "block_causal_fwd", "chunk_fwd_fp32",
-           "chunk_dq", "block_causal_dq", "chunk_dkdv", "block_causal_dkdv", "bwd_delta",
+           "chunk_dq", "chunk_dq_tma", "block_causal_dq", "chunk_dkdv", "block_causal_dkdv", "bwd_delta",
            "neighbour_fwd", "neighbour_bwd", "cuda_ext")
 # Kernels whose matmuls must run on Hopper tensor cores (wgmma) on sm_90.
 ATTENTION_KERNELS = ("chunk_fwd", "chunk_fwd_split", "chunk_fwd_tma", "chunk_fwd_split_tma", "block_causal_fwd",
-                     "chunk_fwd_fp32", "chunk_dq", "block_causal_dq", "chunk_dkdv", "block_causal_dkdv")
+                     "chunk_fwd_fp32", "chunk_dq", "chunk_dq_tma", "block_causal_dq", "chunk_dkdv",
+                     "block_causal_dkdv")
 # Kernels that move their tiles with TMA (device-side tensor descriptors) on sm_90.
-TMA_KERNELS = ("chunk_fwd_tma", "chunk_fwd_split_tma")
+TMA_KERNELS = ("chunk_fwd_tma", "chunk_fwd_split_tma", "chunk_dq_tma")
 
 
 def build_report(*, arch: int = 90, kernels: list[str] | None = None, include_pruned: bool = True,

@@ -40,11 +40,11 @@ Two ops (arcopo_fast.ops dispatches to them; kernels/reference.py has the torch 
    [cache = chunks < c ; own chunk c]. So row c of the drawing is one chunk_attention call with
    cache_len = c * chunk_tokens.
 
-TMA (kernels/block_attn_tma.py, sm_90+). The same forward with Q, K, V and O moved by TMA through
-device-side tensor descriptors: one descriptor per segment of row b (the row's length as its shape, so the
-keys past it are zero-filled by the TMA unit, never read), one loop per segment. Opt-in (tma=True; the
-"triton_tma" backend of arcopo_fast.ops, timed by the measured backend choice); layouts TMA cannot address
-fall back to the pointer kernel here.
+TMA (kernels/block_attn_tma.py, sm_90+). The same forward and dq with Q, dO, K, V, O and dq moved by TMA
+through device-side tensor descriptors: one descriptor per segment of row b (the row's length as its shape,
+so the keys past it are zero-filled by the TMA unit, never read), one loop per segment. Opt-in (tma=True;
+the "triton_tma" backend of arcopo_fast.ops, timed by the measured backend choice); layouts TMA cannot
+address fall back to the pointer kernels here.
 
 Scheduling. The forward grid is (q tiles, B * H, splits). Program 0 runs fastest, so neighbouring
 programs are q tiles of the same (b, h) and share its K/V in L2. At the production shape (Lq 4680, H 12,
@@ -929,7 +929,8 @@ def _zero_grads(q, k, v, need_dq, need_dkdv):
     return z(q) if need_dq else None, z(k) if need_dkdv else None, z(v) if need_dkdv else None
 
 
-def _chunk_bwd(do, q, k, v, out, lse, cache, prefix, scale, need_dq, need_dkdv):
+def _chunk_bwd(do, q, k, v, out, lse, cache, prefix, scale, need_dq, need_dkdv, tma=False):
+    """tma: dq with kernels/block_attn_tma.py's kernel when the layouts allow it (dk/dv: pointers always)."""
     B, Lq, H, D = q.shape
     dq = dk = dv = None
     if B * H * Lq == 0:
@@ -943,7 +944,15 @@ def _chunk_bwd(do, q, k, v, out, lse, cache, prefix, scale, need_dq, need_dkdv):
             (kc, vc, clen, crows), c_strides, c_lens, (clen_ptr, c_rows) = _segment_args(cache, q)
             (kp, vp, plen, prows), p_strides, p_lens, (plen_ptr, _) = _segment_args(prefix, q)
             blk = _bwd_blocks("dq", D)
-            _chunk_attn_bwd_dq_kernel[(triton.cdiv(Lq, blk["BLOCK_M"]), B * H)](
+            kernel = _chunk_attn_bwd_dq_kernel
+            if tma:
+                from . import block_attn_tma as tma_mod
+
+                if tma_mod.tma_layout_ok(q, k, v, do, dq, kc, vc, kp, vp):
+                    kernel = tma_mod._chunk_attn_bwd_dq_tma_kernel
+                    if q.is_cuda:
+                        tma_mod.ensure_allocator()
+            kernel[(triton.cdiv(Lq, blk["BLOCK_M"]), B * H)](
                 q, k, v, do, dq, lse, delta, kc, vc, clen, crows, kp, vp, plen, prows,
                 *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dq), *c_strides, *p_strides, *c_lens, *p_lens,
                 H, Lq, scale * LOG2E, scale,
@@ -1023,7 +1032,8 @@ def _block_causal_bwd(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_
 #   arcopo_fast::chunk_attention(q, k, v, k_cache?, v_cache?, cache_len, cache_lens?, cache_rows?,
 #                                k_prefix?, v_prefix?, prefix_len, prefix_lens?, prefix_rows?, scale, tma)
 #                                -> (out [B, Lq, H, D] like q, lse fp32 [B, H, Lq])
-#   arcopo_fast::chunk_attention_bwd(do, q, k, v, out, lse, <the 10 segment args>, scale, need_dq, need_dkdv)
+#   arcopo_fast::chunk_attention_bwd(do, q, k, v, out, lse, <the 10 segment args>, scale, need_dq, need_dkdv,
+#                                    tma)
 #                                -> (dq, dk, dv); a gradient that is not needed comes back as an empty [0]
 #   arcopo_fast::block_causal_attention(q, k, v, chunk_tokens, scale) -> (out, lse)
 #   arcopo_fast::block_causal_attention_bwd(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_dkdv)
@@ -1131,28 +1141,28 @@ def _chunk_attention_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     k_cache: _Opt, v_cache: _Opt, cache_len: int, cache_lens: _Opt, cache_rows: _Opt,
     k_prefix: _Opt, v_prefix: _Opt, prefix_len: int, prefix_lens: _Opt, prefix_rows: _Opt,
-    scale: float, need_dq: bool, need_dkdv: bool,
+    scale: float, need_dq: bool, need_dkdv: bool, tma: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, out = (_unit_stride(t) for t in (q, k, v, out))
     cache = _op_segment(k_cache, v_cache, cache_len, cache_lens, cache_rows)
     prefix = _op_segment(k_prefix, v_prefix, prefix_len, prefix_lens, prefix_rows)
-    dq, dk, dv = _chunk_bwd(do, q, k, v, out, lse.contiguous(), cache, prefix, scale, need_dq, need_dkdv)
+    dq, dk, dv = _chunk_bwd(do, q, k, v, out, lse.contiguous(), cache, prefix, scale, need_dq, need_dkdv, tma)
     return _grad_or_empty(dq, q), _grad_or_empty(dk, k), _grad_or_empty(dv, v)
 
 
 @_chunk_attention_bwd_op.register_fake
 def _chunk_attention_bwd_fake(do, q, k, v, *rest):
-    need_dq, need_dkdv = rest[-2:]
+    need_dq, need_dkdv = rest[-3:-1]
     return _qkv_grads_fake(q, k, v, need_dq, need_dkdv)
 
 
 def _chunk_attention_setup(ctx, inputs, output):
-    q, k, v, *segments, scale, _tma = inputs
+    q, k, v, *segments, scale, tma = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.segments = tuple(segments)  # NOT save_for_backward: no version check (see the section comment)
     _no_version_check_when_compiled(t for t in segments if isinstance(t, torch.Tensor))
-    ctx.scale = scale
+    ctx.scale, ctx.tma = scale, tma
     ctx.mark_non_differentiable(lse)
 
 
@@ -1160,7 +1170,7 @@ def _chunk_attention_backward(ctx, do, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     need = ctx.needs_input_grad
     dq, dk, dv = _chunk_attention_bwd_op(do, q, k, v, out, lse, *ctx.segments, ctx.scale, need[0],
-                                         need[1] or need[2])
+                                         need[1] or need[2], ctx.tma)
     return (*_qkv_grads(ctx, dq, dk, dv), *(None,) * (len(need) - 3))
 
 
@@ -1267,9 +1277,9 @@ def chunk_attention(
     prefix_len:         as cache_len, for the prefix.
     prefix_rows:        integer tensor [B], required with k_prefix.
     scale:              softmax scale, default 1/sqrt(D).
-    tma:                run the forward with TMA loads (kernels/block_attn_tma.py) where every tensor meets
-                        TMA's layout rules (16-byte aligned data and strides), else the pointer kernel. The
-                        caller checks the device (arcopo_fast.ops.tma_unsupported). Same backward.
+    tma:                run the forward and dq with TMA loads (kernels/block_attn_tma.py) where every tensor
+                        meets TMA's layout rules (16-byte aligned data and strides), else the pointer
+                        kernels. The caller checks the device (arcopo_fast.ops.tma_unsupported).
 
     Key sequence of query row b (every query of the chunk sees all of it; no causal mask inside a chunk):
 

@@ -1,9 +1,12 @@
-"""TMA variant of the chunk-attention forward (sm_90+): Q, the key segments and O move through device-side
-tensor descriptors (Hopper's Tensor Memory Accelerator) instead of per-thread pointer loads.
+"""TMA variants of the chunk-attention forward and dq kernels (sm_90+): Q (dO), the key segments and O (dq)
+move through device-side tensor descriptors (Hopper's Tensor Memory Accelerator) instead of per-thread
+pointer loads.
 
-Same maths, arguments, split-KV and outputs as block_attn._chunk_attn_fwd_kernel (the pointer path, which
-stays the fallback and the default); block_attn._chunk_fwd launches this one when asked (tma=True, the
-"triton_tma" backend of arcopo_fast.ops) and `tma_unsupported` / `tma_layout_ok` allow it.
+Same maths, arguments, split-KV and outputs as block_attn._chunk_attn_fwd_kernel and
+_chunk_attn_bwd_dq_kernel (the pointer path, which stays the fallback and the default); block_attn's
+launchers use these when asked (tma=True, the "triton_tma" backend of arcopo_fast.ops) and
+`tma_unsupported` / `tma_layout_ok` allow it. The dk/dv kernel (the chunk's own keys only) stays on
+pointers.
 
 How the segments map onto descriptors. The pointer kernel walks prefix / cache / own key tiles in ONE loop
 and picks each tile's segment with scalar selects; a descriptor cannot be selected that way without a
@@ -38,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ._launch import interpreting
-from .block_attn import _FWD_CONFIGS, _M_INIT, _cast, _mma, _prune_fwd_configs, _segment, _softmax_step
+from .block_attn import _FWD_CONFIGS, _M_INIT, _cast, _dq_step, _mma, _prune_fwd_configs, _segment, _softmax_step
 
 TMA_MIN_CAPABILITY = (9, 0)
 
@@ -206,3 +209,69 @@ _chunk_attn_fwd_tma_tuned = triton.autotune(
     key=["HEAD_DIM", "LQ_BUCKET", "LK_BUCKET", "BH", "HAS_CACHE", "HAS_PREFIX", "NSPLIT"],
     prune_configs_by={"early_config_prune": _prune_fwd_configs},
 )(_chunk_attn_fwd_tma_kernel)
+
+
+@triton.jit
+def _dq_walk_segment(dq, q, do, lse2, delta, kd, vd, n, qk_scale, offs_n,
+                     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dq over one segment of n keys. Keys past n: K and V rows are TMA zeros and the score bias is -inf, so
+    P = 0 and dS = P (dO V^T - delta) = 0 there."""
+    for t in range(0, tl.cdiv(n, BLOCK_N)):
+        j = t * BLOCK_N
+        k = kd.load([j, 0])
+        v = vd.load([j, 0])
+        dq = _dq_step(dq, q, do, lse2, delta, k, v, tl.where(j + offs_n < n, 0.0, float("-inf"))[None, :],
+                      qk_scale, DOT_PREC)
+    return dq
+
+
+@triton.jit(do_not_specialize=["cache_len", "prefix_len"])
+def _chunk_attn_bwd_dq_tma_kernel(
+    Q, K, V, DO, DQ, Lse, Delta, KC, VC, CLEN, CROWS, KP, VP, PLEN, PROWS,  # as _chunk_attn_bwd_dq_kernel
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don, stride_doh,
+    stride_dqb, stride_dqn, stride_dqh,
+    stride_kcb, stride_kcn, stride_kch,
+    stride_vcb, stride_vcn, stride_vch,
+    stride_kpb, stride_kpn, stride_kph,
+    stride_vpb, stride_vpn, stride_vph,
+    cache_len, clen_stride, cache_max,
+    prefix_len, plen_stride, prefix_max,
+    H, Lq, qk_scale, sm_scale,
+    HAS_CACHE: tl.constexpr, CLEN_PTR: tl.constexpr, CACHE_ROWS: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, PLEN_PTR: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # grid: (cdiv(Lq, BLOCK_M), B * H); the same segments as the forward, one loop each
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < Lq
+    b64 = b.to(tl.int64)
+    q = _desc(Q + b64 * stride_qb + h * stride_qh, Lq, stride_qn, HEAD_DIM, BLOCK_M).load([start_m, 0])
+    do = _desc(DO + b64 * stride_dob + h * stride_doh, Lq, stride_don, HEAD_DIM, BLOCK_M).load([start_m, 0])
+    lse2 = tl.load(Lse + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if HAS_PREFIX:
+        kp, vp, n0 = _segment(KP, VP, PROWS, PLEN, prefix_len, plen_stride, prefix_max, b, h,
+                              stride_kpb, stride_kph, stride_vpb, stride_vph, True, PLEN_PTR)
+        dq = _dq_walk_segment(dq, q, do, lse2, delta, _desc(kp, n0, stride_kpn, HEAD_DIM, BLOCK_N),
+                              _desc(vp, n0, stride_vpn, HEAD_DIM, BLOCK_N), n0, qk_scale, offs_n, BLOCK_N, DOT_PREC)
+    if HAS_CACHE:
+        kc, vc, n1 = _segment(KC, VC, CROWS, CLEN, cache_len, clen_stride, cache_max, b, h,
+                              stride_kcb, stride_kch, stride_vcb, stride_vch, CACHE_ROWS, CLEN_PTR)
+        dq = _dq_walk_segment(dq, q, do, lse2, delta, _desc(kc, n1, stride_kcn, HEAD_DIM, BLOCK_N),
+                              _desc(vc, n1, stride_vcn, HEAD_DIM, BLOCK_N), n1, qk_scale, offs_n, BLOCK_N, DOT_PREC)
+    kd = _desc(K + b64 * stride_kb + h * stride_kh, Lq, stride_kn, HEAD_DIM, BLOCK_N)
+    vd = _desc(V + b64 * stride_vb + h * stride_vh, Lq, stride_vn, HEAD_DIM, BLOCK_N)
+    dq = _dq_walk_segment(dq, q, do, lse2, delta, kd, vd, Lq, qk_scale, offs_n, BLOCK_N, DOT_PREC)
+    dq = dq * sm_scale
+    dqd = _desc(DQ + b64 * stride_dqb + h * stride_dqh, Lq, stride_dqn, HEAD_DIM, BLOCK_M)
+    dqd.store([start_m, 0], _cast(dq, DQ.dtype.element_ty, DOT_PREC))  # rows past Lq: clipped

@@ -94,7 +94,8 @@ if [ $DRY = 0 ]; then
   SELFTEST_ARGS=(--selftest --budget 75)  # the small shape first, then the 1.3B shape while time is left
   BENCH_ARGS=(--bench --budget 110)
   TESTS=(tests/test_gpu_paths.py tests/test_kv_fork.py tests/test_sampler_step.py tests/test_neighbour.py
-         tests/test_qk_norm_rope.py tests/test_attention_op.py tests/test_block_attn.py tests/test_sampler_compile.py)
+         tests/test_qk_norm_rope.py tests/test_attention_op.py tests/test_block_attn.py tests/test_sampler_compile.py
+         tests/test_block_attn_tma.py)
   BENCHES=(benchmarks/bench_attention.py benchmarks/bench_kv_fork.py benchmarks/bench_step.py
            benchmarks/bench_neighbour.py benchmarks/bench_e2e.py benchmarks/bench_iteration.py
            benchmarks/bench_decode.py benchmarks/bench_qk_norm_rope.py)

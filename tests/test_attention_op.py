@@ -91,7 +91,7 @@ def test_opcheck_chunk_attention(case, poison):
         out, lse = CHUNK_FWD(*args)
         do = rand(B, LQ, H, D, gen=gen)
         need = (True, False) if case == "cache-int" else (True, True)  # (need_dq, need_dkdv)
-        bwd_args = (do, *(t.detach() for t in args[:3]), out, lse, *args[3:-1], *need)
+        bwd_args = (do, *(t.detach() for t in args[:3]), out, lse, *args[3:-1], *need, args[-1])
         torch.library.opcheck(CHUNK_BWD, bwd_args)
 
 

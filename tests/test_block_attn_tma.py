@@ -35,20 +35,26 @@ def poison(monkeypatch):
                                                                                     device=device))
 
 
+class _Counting:
+    """Stands in for a jitted kernel: records each launch grid, then launches the kernel."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
 @pytest.fixture
 def tma_launches(monkeypatch):
-    """How many times the TMA forward kernel was launched (interpreter launches go through __getitem__)."""
-    count = []
-    real = bt._chunk_attn_fwd_tma_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            count.append(grid)
-            return real[grid]
-
+    """{"fwd": grids, "dq": grids} of the TMA kernels' launches (interpreter launches go through
+    __getitem__; compiled runs on a GPU are not counted)."""
+    grids = {"fwd": [], "dq": []}
     if INTERPRET:
-        monkeypatch.setattr(bt, "_chunk_attn_fwd_tma_kernel", Counting())
-    return count
+        for key, name in (("fwd", "_chunk_attn_fwd_tma_kernel"), ("dq", "_chunk_attn_bwd_dq_tma_kernel")):
+            monkeypatch.setattr(bt, name, _Counting(getattr(bt, name), grids[key]))
+    return grids
 
 
 def rand(*shape, dtype=torch.float32, gen=None):
@@ -118,16 +124,18 @@ def test_tma_forward_matches_float64_reference_and_ignores_nan_past_lengths(case
     q, k, v, args, ref_args, _ = _case(case, seed=3)
     out, lse = ba.chunk_attention_fwd(q, k, v, *args, return_lse=True, tma=True)
     if INTERPRET:
-        assert len(tma_launches) == 1
+        assert len(tma_launches["fwd"]) == 1
     exact, r_lse = ref.chunk_attention_ref(q, k, v, *ref_args, upcast=True)
     lowp = ref.chunk_attention_ref(q, k, v, *ref_args, upcast=False)[0]
     check(case[0], out, exact, lowp)
     torch.testing.assert_close(lse.double(), r_lse.double(), rtol=0, atol=1e-4)
 
 
-def test_tma_gradients_through_the_op(tma_launches):
-    """chunk_attention(tma=True): the TMA forward, then the pointer backward on its out / lse."""
-    q, k, v, args, ref_args, do = _case(CASES[0], seed=5)
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=[CASES[0][0], CASES[3][0]])
+def test_tma_gradients_through_the_op(case, tma_launches):
+    """chunk_attention(tma=True): the TMA forward, the TMA dq (NaN past the lengths must not reach dq either)
+    and the pointer dk/dv, against float64."""
+    q, k, v, args, ref_args, do = _case(case, seed=5)
     grads = []
     for fn, dt in ((lambda a, b, c: ba.chunk_attention(a, b, c, *args, tma=True), None),
                    (lambda a, b, c: ref.chunk_attention_ref(a, b, c, *ref_args, upcast=True)[0], torch.float64),
@@ -136,7 +144,7 @@ def test_tma_gradients_through_the_op(tma_launches):
         out = fn(*leaves)
         grads.append((out, *torch.autograd.grad(out, leaves, do.to(out.dtype))))
     if INTERPRET:
-        assert len(tma_launches) == 1
+        assert len(tma_launches["fwd"]) == 1 and len(tma_launches["dq"]) == 1
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), *grads):
         check(name, a, b, c)
 
@@ -159,7 +167,7 @@ def test_tma_split_kv(monkeypatch, tma_launches):
     clean_p = _plant_nan(kp, vp, 7, [0])
     args = (kc, vc, clen, None, kp, vp, 7, ints([0, 0]))
     out, lse = ba.chunk_attention_fwd(q, k, v, *args, return_lse=True, tma=True)
-    assert len(tma_launches) == 1 and tma_launches[0][2] == 3  # grid (q tiles, B * H, splits)
+    assert len(tma_launches["fwd"]) == 1 and tma_launches["fwd"][0][2] == 3  # grid (q tiles, B * H, splits)
     r_args = (*clean_c, clen, None, *clean_p, 7, ints([0, 0]))
     exact, r_lse = ref.chunk_attention_ref(q, k, v, *r_args, upcast=True)
     check("split tma", out, exact, ref.chunk_attention_ref(q, k, v, *r_args, upcast=False)[0])
@@ -178,7 +186,7 @@ def test_layouts_tma_cannot_address_fall_back_to_the_pointer_kernel(tma_launches
     assert not bt.tma_layout_ok(rand(1, 5, 1, 20, dtype=torch.float16)[..., :16])  # 40-byte token stride
     out = ba.chunk_attention_fwd(q, k, v, tma=True)
     if INTERPRET:
-        assert tma_launches == []
+        assert tma_launches["fwd"] == []
     torch.testing.assert_close(out, ba.chunk_attention_fwd(q, k, v), rtol=0, atol=0)
 
 
