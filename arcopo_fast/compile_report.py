@@ -123,10 +123,12 @@ def _all_specs() -> dict[str, list[dict]]:
         bm, bn, w, s = ba.BWD_DQ_CONFIG[HEAD_DIM]
         specs[name] = [_spec(name, m, fn, dict(cx, HEAD_DIM=HEAD_DIM, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="tf32"),
                              w, s, True, ptrs=ptrs)]
-    for name, causal in (("chunk_dkdv", False), ("block_causal_dkdv", True)):
+    for name, m, fn, causal in (("chunk_dkdv", mod, "_dkdv_kernel", False),
+                                ("chunk_dkdv_tma", tma, "_dkdv_tma_kernel", False),
+                                ("block_causal_dkdv", mod, "_dkdv_kernel", True)):
         bm, bn, w, s = ba.BWD_DKDV_CONFIG[HEAD_DIM]
-        specs[name] = [_spec(name, mod, "_dkdv_kernel", dict(CAUSAL=causal, HEAD_DIM=HEAD_DIM, BLOCK_M=bm,
-                                                             BLOCK_N=bn, DOT_PREC="tf32"), w, s, True, ptrs=ptrs)]
+        cx = dict(CAUSAL=causal, HEAD_DIM=HEAD_DIM, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="tf32")
+        specs[name] = [_spec(name, m, fn, cx, w, s, True, ptrs=ptrs)]
     specs["bwd_delta"] = [_spec("bwd_delta", mod, "_bwd_delta_kernel", dict(HEAD_DIM=HEAD_DIM, BLOCK_M=64), 4, 1,
                                 True, ptrs=ptrs)]
     if hasattr(ba, "_split_combine_kernel"):
@@ -333,14 +335,15 @@ def _compile_cu(src: Path, arch: int, nvcc: str) -> list[dict]:
 
 KERNELS = ("chunk_fwd", "chunk_fwd_split", "chunk_fwd_tma", "chunk_fwd_split_tma", "chunk_fwd_combine",
            "block_causal_fwd", "chunk_fwd_fp32",
-           "chunk_dq", "chunk_dq_tma", "block_causal_dq", "chunk_dkdv", "block_causal_dkdv", "bwd_delta",
+           "chunk_dq", "chunk_dq_tma", "block_causal_dq", "chunk_dkdv", "chunk_dkdv_tma", "block_causal_dkdv",
+           "bwd_delta",
            "neighbour_fwd", "neighbour_bwd", "cuda_ext")
 # Kernels whose matmuls must run on Hopper tensor cores (wgmma) on sm_90.
 ATTENTION_KERNELS = ("chunk_fwd", "chunk_fwd_split", "chunk_fwd_tma", "chunk_fwd_split_tma", "block_causal_fwd",
                      "chunk_fwd_fp32", "chunk_dq", "chunk_dq_tma", "block_causal_dq", "chunk_dkdv",
-                     "block_causal_dkdv")
+                     "chunk_dkdv_tma", "block_causal_dkdv")
 # Kernels that move their tiles with TMA (device-side tensor descriptors) on sm_90.
-TMA_KERNELS = ("chunk_fwd_tma", "chunk_fwd_split_tma", "chunk_dq_tma")
+TMA_KERNELS = ("chunk_fwd_tma", "chunk_fwd_split_tma", "chunk_dq_tma", "chunk_dkdv_tma")
 
 
 def build_report(*, arch: int = 90, kernels: list[str] | None = None, include_pruned: bool = True,

@@ -40,7 +40,7 @@ Two ops (arcopo_fast.ops dispatches to them; kernels/reference.py has the torch 
    [cache = chunks < c ; own chunk c]. So row c of the drawing is one chunk_attention call with
    cache_len = c * chunk_tokens.
 
-TMA (kernels/block_attn_tma.py, sm_90+). The same forward and dq with Q, dO, K, V, O and dq moved by TMA
+TMA (kernels/block_attn_tma.py, sm_90+). The same forward, dq and dk/dv with their tiles moved by TMA
 through device-side tensor descriptors: one descriptor per segment of row b (the row's length as its shape,
 so the keys past it are zero-filled by the TMA unit, never read), one loop per segment. Opt-in (tma=True;
 the "triton_tma" backend of arcopo_fast.ops, timed by the measured backend choice); layouts TMA cannot
@@ -930,7 +930,7 @@ def _zero_grads(q, k, v, need_dq, need_dkdv):
 
 
 def _chunk_bwd(do, q, k, v, out, lse, cache, prefix, scale, need_dq, need_dkdv, tma=False):
-    """tma: dq with kernels/block_attn_tma.py's kernel when the layouts allow it (dk/dv: pointers always)."""
+    """tma: dq and dk/dv with kernels/block_attn_tma.py's kernels when the layouts allow it."""
     B, Lq, H, D = q.shape
     dq = dk = dv = None
     if B * H * Lq == 0:
@@ -960,16 +960,24 @@ def _chunk_bwd(do, q, k, v, out, lse, cache, prefix, scale, need_dq, need_dkdv, 
                 HAS_PREFIX=prefix is not None, PLEN_PTR=plen_ptr, HEAD_DIM=D, DOT_PREC=prec, **blk,
             )
         if need_dkdv:
-            dk, dv = _dkdv(do, q, k, v, lse, delta, Lq, scale, causal=False)
+            dk, dv = _dkdv(do, q, k, v, lse, delta, Lq, scale, causal=False, tma=tma)
     return dq, dk, dv
 
 
-def _dkdv(do, q, k, v, lse, delta, chunk_tokens, scale, *, causal):
+def _dkdv(do, q, k, v, lse, delta, chunk_tokens, scale, *, causal, tma=False):
     B, L, H, D = q.shape
     dk = _empty(k.shape, dtype=k.dtype, device=k.device)
     dv = _empty(v.shape, dtype=v.dtype, device=v.device)
     blk = _bwd_blocks("dkdv", D)
-    _dkdv_kernel[(triton.cdiv(L, blk["BLOCK_N"]), B * H)](
+    kernel = _dkdv_kernel
+    if tma:
+        from . import block_attn_tma as tma_mod
+
+        if tma_mod.tma_layout_ok(q, k, v, do, dk, dv):
+            kernel = tma_mod._dkdv_tma_kernel
+            if q.is_cuda:
+                tma_mod.ensure_allocator()
+    kernel[(triton.cdiv(L, blk["BLOCK_N"]), B * H)](
         q, k, v, do, dk, dv, lse, delta,
         *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dk), *_s3(dv),
         H, L, chunk_tokens, scale * LOG2E, scale,
@@ -1277,7 +1285,7 @@ def chunk_attention(
     prefix_len:         as cache_len, for the prefix.
     prefix_rows:        integer tensor [B], required with k_prefix.
     scale:              softmax scale, default 1/sqrt(D).
-    tma:                run the forward and dq with TMA loads (kernels/block_attn_tma.py) where every tensor
+    tma:                run the forward and the backward with TMA loads (kernels/block_attn_tma.py) where every tensor
                         meets TMA's layout rules (16-byte aligned data and strides), else the pointer
                         kernels. The caller checks the device (arcopo_fast.ops.tma_unsupported).
 

@@ -1,12 +1,11 @@
-"""TMA variants of the chunk-attention forward and dq kernels (sm_90+): Q (dO), the key segments and O (dq)
-move through device-side tensor descriptors (Hopper's Tensor Memory Accelerator) instead of per-thread
-pointer loads.
+"""TMA variants of the chunk-attention kernels (sm_90+): forward, dq and dk/dv move their q / dO / key /
+value tiles and store their outputs through device-side tensor descriptors (Hopper's Tensor Memory
+Accelerator) instead of per-thread pointer loads.
 
-Same maths, arguments, split-KV and outputs as block_attn._chunk_attn_fwd_kernel and
-_chunk_attn_bwd_dq_kernel (the pointer path, which stays the fallback and the default); block_attn's
-launchers use these when asked (tma=True, the "triton_tma" backend of arcopo_fast.ops) and
-`tma_unsupported` / `tma_layout_ok` allow it. The dk/dv kernel (the chunk's own keys only) stays on
-pointers.
+Same maths, arguments, split-KV and outputs as block_attn._chunk_attn_fwd_kernel,
+_chunk_attn_bwd_dq_kernel and _dkdv_kernel (the pointer path, which stays the fallback and the default);
+block_attn's launchers use these when asked (tma=True, the "triton_tma" backend of arcopo_fast.ops) and
+`tma_unsupported` / `tma_layout_ok` allow it. Block-causal attention stays on pointers.
 
 How the segments map onto descriptors. The pointer kernel walks prefix / cache / own key tiles in ONE loop
 and picks each tile's segment with scalar selects; a descriptor cannot be selected that way without a
@@ -41,7 +40,16 @@ import triton
 import triton.language as tl
 
 from ._launch import interpreting
-from .block_attn import _FWD_CONFIGS, _M_INIT, _cast, _dq_step, _mma, _prune_fwd_configs, _segment, _softmax_step
+from .block_attn import (
+    _FWD_CONFIGS,
+    _M_INIT,
+    _cast,
+    _dq_step,
+    _mma,
+    _prune_fwd_configs,
+    _segment,
+    _softmax_step,
+)
 
 TMA_MIN_CAPABILITY = (9, 0)
 
@@ -275,3 +283,66 @@ def _chunk_attn_bwd_dq_tma_kernel(
     dq = dq * sm_scale
     dqd = _desc(DQ + b64 * stride_dqb + h * stride_dqh, Lq, stride_dqn, HEAD_DIM, BLOCK_M)
     dqd.store([start_m, 0], _cast(dq, DQ.dtype.element_ty, DOT_PREC))  # rows past Lq: clipped
+
+
+@triton.jit
+def _dkdv_tma_kernel(
+    Q, K, V, DO, DK, DV, Lse, Delta,  # as block_attn._dkdv_kernel
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don, stride_doh,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh,
+    H, L, chunk_tokens, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # grid: (cdiv(L, BLOCK_N), B * H); the chunk's own keys. q / dO rows past L are TMA zeros, which makes
+    # their contributions 0 exactly as the pointer kernel's masked loads do.
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    b64 = b.to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    k = _desc(K + b64 * stride_kb + h * stride_kh, L, stride_kn, HEAD_DIM, BLOCK_N).load([start_n, 0])
+    v = _desc(V + b64 * stride_vb + h * stride_vh, L, stride_vn, HEAD_DIM, BLOCK_N).load([start_n, 0])
+    qd = _desc(Q + b64 * stride_qb + h * stride_qh, L, stride_qn, HEAD_DIM, BLOCK_M)
+    dod = _desc(DO + b64 * stride_dob + h * stride_doh, L, stride_don, HEAD_DIM, BLOCK_M)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    lse_base = Lse + bh.to(tl.int64) * L
+    delta_base = Delta + bh.to(tl.int64) * L
+    if CAUSAL:  # the pointer kernel's query range: see block_attn._dkdv_kernel
+        j_last = tl.minimum(start_n + BLOCK_N, L) - 1
+        q_lo = ((start_n // chunk_tokens) * chunk_tokens // BLOCK_M) * BLOCK_M
+        q_mid = (j_last // chunk_tokens) * chunk_tokens
+    else:
+        q_lo = 0
+        q_mid = 0
+    for start_m in range(q_lo, L, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        rmask = rows < L
+        q = qd.load([start_m, 0])
+        do = dod.load([start_m, 0])
+        lse2 = tl.load(lse_base + rows, mask=rmask, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
+        qkT = _mma(k, tl.trans(q), None, DOT_PREC)
+        dpT = _mma(v, tl.trans(do), None, DOT_PREC)
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if CAUSAL:
+            if start_m < q_mid:
+                kend = tl.minimum((rows // chunk_tokens + 1) * chunk_tokens, L)
+                pT = tl.where(cols[:, None] < kend[None, :], pT, 0.0)
+        dv = _mma(_cast(pT, k.dtype, DOT_PREC), do, dv, DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _mma(_cast(dsT, k.dtype, DOT_PREC), q, dk, DOT_PREC)
+    dk = dk * sm_scale
+    _desc(DK + b64 * stride_dkb + h * stride_dkh, L, stride_dkn, HEAD_DIM, BLOCK_N).store(
+        [start_n, 0], _cast(dk, DK.dtype.element_ty, DOT_PREC))
+    _desc(DV + b64 * stride_dvb + h * stride_dvh, L, stride_dvn, HEAD_DIM, BLOCK_N).store(
+        [start_n, 0], _cast(dv, DV.dtype.element_ty, DOT_PREC))

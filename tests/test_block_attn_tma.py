@@ -48,11 +48,12 @@ class _Counting:
 
 @pytest.fixture
 def tma_launches(monkeypatch):
-    """{"fwd": grids, "dq": grids} of the TMA kernels' launches (interpreter launches go through
+    """{"fwd" | "dq" | "dkdv": grids} of the TMA kernels' launches (interpreter launches go through
     __getitem__; compiled runs on a GPU are not counted)."""
-    grids = {"fwd": [], "dq": []}
+    grids = {"fwd": [], "dq": [], "dkdv": []}
     if INTERPRET:
-        for key, name in (("fwd", "_chunk_attn_fwd_tma_kernel"), ("dq", "_chunk_attn_bwd_dq_tma_kernel")):
+        for key, name in (("fwd", "_chunk_attn_fwd_tma_kernel"), ("dq", "_chunk_attn_bwd_dq_tma_kernel"),
+                          ("dkdv", "_dkdv_tma_kernel")):
             monkeypatch.setattr(bt, name, _Counting(getattr(bt, name), grids[key]))
     return grids
 
@@ -133,8 +134,8 @@ def test_tma_forward_matches_float64_reference_and_ignores_nan_past_lengths(case
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=[CASES[0][0], CASES[3][0]])
 def test_tma_gradients_through_the_op(case, tma_launches):
-    """chunk_attention(tma=True): the TMA forward, the TMA dq (NaN past the lengths must not reach dq either)
-    and the pointer dk/dv, against float64."""
+    """chunk_attention(tma=True): the TMA forward, dq (NaN past the lengths must not reach dq either) and
+    dk/dv (odd Lq: q / dO rows past it are TMA zeros), against float64."""
     q, k, v, args, ref_args, do = _case(case, seed=5)
     grads = []
     for fn, dt in ((lambda a, b, c: ba.chunk_attention(a, b, c, *args, tma=True), None),
@@ -144,7 +145,7 @@ def test_tma_gradients_through_the_op(case, tma_launches):
         out = fn(*leaves)
         grads.append((out, *torch.autograd.grad(out, leaves, do.to(out.dtype))))
     if INTERPRET:
-        assert len(tma_launches["fwd"]) == 1 and len(tma_launches["dq"]) == 1
+        assert [len(g) for g in tma_launches.values()] == [1, 1, 1]
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), *grads):
         check(name, a, b, c)
 
