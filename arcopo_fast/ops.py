@@ -3,8 +3,8 @@
 Backends:
   "triton"      arcopo_fast.kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1 for tests)
   "torch"       kernels/reference.py's production torch path (SDPA with its own dispatch for attention)
-  "triton_tma"  chunk attention: our forward with TMA loads (kernels/block_attn_tma.py; sm_90+ and a Triton
-                with device-side tensor descriptors), the same backward as "triton"; other ops run "triton".
+  "triton_tma"  chunk and block-causal attention: our kernels with TMA loads (kernels/block_attn_tma.py;
+                sm_90+ and a Triton with device-side tensor descriptors); other ops run "triton".
                 Never picked by "auto" on CPU; timed against the others by the measured choice on CUDA.
   attention only (arcopo_fast.attention_backends): "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
                 "sdpa_math" (SDPA with that kernel forced), "flex" (FlexAttention), "flash_attn" (when the
@@ -73,7 +73,7 @@ def flash_attn_available() -> bool:
 
 
 def tma_unsupported(device: torch.device | str) -> str | None:
-    """Why the "triton_tma" chunk-attention forward cannot run on `device` (None: it can): no Triton, a
+    """Why the "triton_tma" attention kernels cannot run on `device` (None: it can): no Triton, a
     Triton without device-side tensor descriptors, a GPU below sm_90, CPU without the interpreter."""
     if not triton_available():
         return "triton is not importable"
@@ -127,7 +127,7 @@ def _resolve(t: torch.Tensor, backend: str | None, op: str) -> tuple[str, bool]:
     if want == "auto":
         want = "triton" if (t.is_cuda and triton_available() and _triton_dtype(t.dtype)) else "torch"
     elif want == "triton_tma":
-        want = "triton"  # the TMA variant exists for chunk attention: the other ops run their Triton kernels
+        want = "triton"  # TMA variants exist for the attention ops: the other ops run their Triton kernels
     elif want in _ATTENTION_ONLY:
         want = "torch"  # an attention-only backend forced for the process: other ops run their torch path
     _check_runnable(want, t, op)
@@ -165,7 +165,7 @@ def attention_candidates(device: torch.device, op: str = "chunk_attention", dtyp
     out = []
     if triton_available() and (device.type == "cuda" or interpreting()) and _triton_serves_auto(device, dtype):
         out.append("triton")
-        if op == "chunk_attention" and device.type == "cuda" and tma_unsupported(device) is None:
+        if device.type == "cuda" and tma_unsupported(device) is None:
             out.append("triton_tma")
     out.append("torch")
     if op == "chunk_attention":
@@ -472,8 +472,8 @@ def block_causal_attention(
         c1       [##][##][  ]
         c2       [##][##][##]      (## = attend; tiles above the diagonal are skipped, not masked)
 
-    Backends: triton (no window), flex (FlexAttention's block mask, CUDA), torch (SDPA with a boolean mask);
-    any other attention backend runs flex on CUDA and torch on CPU.
+    Backends: triton and triton_tma (no window), flex (FlexAttention's block mask, CUDA), torch (SDPA with a
+    boolean mask); any other attention backend runs flex on CUDA and torch on CPU.
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share a [B, L, H, D] shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -486,10 +486,11 @@ def block_causal_attention(
     want, explicit = _requested(backend)
 
     def run(be: str, q=q, k=k, v=v):
-        if be in ("triton", "triton_tma") and window_tokens is None:  # no TMA variant of this one
+        if be in ("triton", "triton_tma") and window_tokens is None:  # no window in our kernels
             from .kernels import block_attn  # a plain import: torch.compile traces it, not importlib
 
-            return block_attn.block_causal_attention(q, k, v, chunk_tokens, scale=scale)
+            tma = be == "triton_tma"
+            return block_attn.block_causal_attention(q, k, v, chunk_tokens, scale=scale, tma=tma)
         if q.is_cuda and be != "torch":
             return _flex_block_causal(q, k, v, chunk_tokens, scale=scale, **window)
         return ref.block_causal_attention_torch(q, k, v, chunk_tokens, scale=scale, **window)
@@ -499,8 +500,9 @@ def block_causal_attention(
         return run(want if explicit else _gate("block_causal_attention", variant, want, q))
     if q.device.type not in MEASURE_ON:
         return run("torch")
+    ours = ("triton", "triton_tma")
     names = lambda: [n for n in attention_candidates(q.device, "block_causal_attention", q.dtype)
-                     if not (n == "triton" and window_tokens is not None)] + (["flex"] if q.is_cuda else [])
+                     if not (n in ours and window_tokens is not None)] + (["flex"] if q.is_cuda else [])
     be = _auto_attention("block_causal_attention", variant, q, q.shape[1], window_tokens, names,
                          lambda n: _timed_call(lambda a, b, c: run(n, a, b, c), grad, q, k, v))
     return run(be)

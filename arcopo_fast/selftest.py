@@ -507,9 +507,10 @@ def all_checks(device: str, dtype: str, head_dim: int = 128, quick: bool = False
     if ext.extension_loaded() and (not device.startswith("cuda") or ext.extension_has_cuda()):
         out.append(("kv_fork", "fwd", "cpp"))
     if ops.triton_available() and device.startswith("cuda") and ops.tma_unsupported(device) is None:
-        # sm_90+: the TMA forward too, last (a time budget cuts these before the kernels every card runs)
+        # sm_90+: the TMA kernels too, last (a time budget cuts these before the kernels every card runs)
         out += [("chunk_attention", f"{kind}/{p}/{d}", "triton_tma") for kind in ("own", "cache", "ragged", "prefix")
                 for p in ("fwd", "fwd+bwd")]
+        out += [("block_causal_attention", f"{p}/{d}", "triton_tma") for p in ("fwd", "fwd+bwd")]
     if quick:
         out = [c for c in out if c[2] not in ("triton", "triton_tma") or (c[0], c[1].removesuffix(f"/{d}")) in QUICK]
     return out

@@ -42,7 +42,8 @@ Two ops (arcopo_fast.ops dispatches to them; kernels/reference.py has the torch 
 
 TMA (kernels/block_attn_tma.py, sm_90+). The same forward, dq and dk/dv with their tiles moved by TMA
 through device-side tensor descriptors: one descriptor per segment of row b (the row's length as its shape,
-so the keys past it are zero-filled by the TMA unit, never read), one loop per segment. Opt-in (tma=True;
+so the keys past it are zero-filled by the TMA unit, never read), one loop per segment; the block-causal
+forward and dq cut their one K / V descriptor at the q tile's last visible key. Opt-in (tma=True;
 the "triton_tma" backend of arcopo_fast.ops, timed by the measured backend choice); layouts TMA cannot
 address fall back to the pointer kernels here.
 
@@ -852,6 +853,18 @@ def _num_splits(q_tiles: int, bh: int, key_tiles: int, sms: int) -> int:
     return max(1, s)
 
 
+def _tma_kernel(name: str, *tensors: torch.Tensor):
+    """block_attn_tma's `name` when TMA can address every tensor (the allocator then installed on CUDA),
+    else None: the caller launches its pointer kernel."""
+    from . import block_attn_tma as tma_mod
+
+    if not tma_mod.tma_layout_ok(*(t for t in tensors if t is not None)):
+        return None
+    if tensors[0].is_cuda:
+        tma_mod.ensure_allocator()
+    return getattr(tma_mod, name)
+
+
 def _chunk_fwd(q, k, v, cache: _Segment | None, prefix: _Segment | None, scale: float, tma: bool = False):
     """tma: launch kernels/block_attn_tma.py's forward when the layouts allow it (else the pointer kernel)."""
     B, Lq, H, D = q.shape
@@ -881,13 +894,11 @@ def _chunk_fwd(q, k, v, cache: _Segment | None, prefix: _Segment | None, scale: 
         HAS_PREFIX=prefix is not None, PLEN_PTR=plen_ptr, SPLIT=n_split > 1, HEAD_DIM=D, DOT_PREC=prec,
     )
     kernel, tuned = _chunk_attn_fwd_kernel, _chunk_attn_fwd_tuned
-    if tma:
+    tma_kernel = _tma_kernel("_chunk_attn_fwd_tma_kernel", q, k, v, out, kc, vc, kp, vp) if tma else None
+    if tma_kernel is not None:
         from . import block_attn_tma as tma_mod
 
-        if tma_mod.tma_layout_ok(q, k, v, out, kc, vc, kp, vp):
-            kernel, tuned = tma_mod._chunk_attn_fwd_tma_kernel, tma_mod._chunk_attn_fwd_tma_tuned
-            if q.is_cuda:
-                tma_mod.ensure_allocator()
+        kernel, tuned = tma_kernel, tma_mod._chunk_attn_fwd_tma_tuned
     with on_device(q):
         if not gpu:
             kernel[(triton.cdiv(Lq, bm), B * H, n_split)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn)
@@ -944,14 +955,9 @@ def _chunk_bwd(do, q, k, v, out, lse, cache, prefix, scale, need_dq, need_dkdv, 
             (kc, vc, clen, crows), c_strides, c_lens, (clen_ptr, c_rows) = _segment_args(cache, q)
             (kp, vp, plen, prows), p_strides, p_lens, (plen_ptr, _) = _segment_args(prefix, q)
             blk = _bwd_blocks("dq", D)
-            kernel = _chunk_attn_bwd_dq_kernel
-            if tma:
-                from . import block_attn_tma as tma_mod
-
-                if tma_mod.tma_layout_ok(q, k, v, do, dq, kc, vc, kp, vp):
-                    kernel = tma_mod._chunk_attn_bwd_dq_tma_kernel
-                    if q.is_cuda:
-                        tma_mod.ensure_allocator()
+            tensors = (q, k, v, do, dq, kc, vc, kp, vp)
+            kernel = _tma_kernel("_chunk_attn_bwd_dq_tma_kernel", *tensors) if tma else None
+            kernel = _chunk_attn_bwd_dq_kernel if kernel is None else kernel
             kernel[(triton.cdiv(Lq, blk["BLOCK_M"]), B * H)](
                 q, k, v, do, dq, lse, delta, kc, vc, clen, crows, kp, vp, plen, prows,
                 *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dq), *c_strides, *p_strides, *c_lens, *p_lens,
@@ -969,14 +975,8 @@ def _dkdv(do, q, k, v, lse, delta, chunk_tokens, scale, *, causal, tma=False):
     dk = _empty(k.shape, dtype=k.dtype, device=k.device)
     dv = _empty(v.shape, dtype=v.dtype, device=v.device)
     blk = _bwd_blocks("dkdv", D)
-    kernel = _dkdv_kernel
-    if tma:
-        from . import block_attn_tma as tma_mod
-
-        if tma_mod.tma_layout_ok(q, k, v, do, dk, dv):
-            kernel = tma_mod._dkdv_tma_kernel
-            if q.is_cuda:
-                tma_mod.ensure_allocator()
+    kernel = _tma_kernel("_dkdv_tma_kernel", q, k, v, do, dk, dv) if tma else None
+    kernel = _dkdv_kernel if kernel is None else kernel
     kernel[(triton.cdiv(L, blk["BLOCK_N"]), B * H)](
         q, k, v, do, dk, dv, lse, delta,
         *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dk), *_s3(dv),
@@ -986,7 +986,8 @@ def _dkdv(do, q, k, v, lse, delta, chunk_tokens, scale, *, causal, tma=False):
     return dk, dv
 
 
-def _block_causal_fwd(q, k, v, chunk_tokens, scale):
+def _block_causal_fwd(q, k, v, chunk_tokens, scale, tma=False):
+    """tma: kernels/block_attn_tma.py's forward when the layouts allow it (else the pointer kernel)."""
     B, L, H, D = q.shape
     out = _empty((B, L, H, D), dtype=q.dtype, device=q.device)
     lse = _empty((B, H, L), dtype=torch.float32, device=q.device)
@@ -994,18 +995,25 @@ def _block_causal_fwd(q, k, v, chunk_tokens, scale):
         return out, lse
     args = (q, k, v, out, lse, *_s3(q), *_s3(k), *_s3(v), *_s3(out), H, L, chunk_tokens, scale * LOG2E,
             _lq_bucket(L), _lk_bucket(L), B * H)
+    kernel, tuned = _block_causal_fwd_kernel, _block_causal_fwd_tuned
+    tma_kernel = _tma_kernel("_block_causal_fwd_tma_kernel", q, k, v, out) if tma else None
+    if tma_kernel is not None:
+        from . import block_attn_tma as tma_mod
+
+        kernel, tuned = tma_kernel, tma_mod._block_causal_fwd_tma_tuned
     with on_device(q):
         if not _gpu_tiles():
             bm, bn = INTERPRET_BLOCKS["fwd"]
-            _block_causal_fwd_kernel[(triton.cdiv(L, bm), B * H)](
+            kernel[(triton.cdiv(L, bm), B * H)](
                 *args, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype), BLOCK_M=bm, BLOCK_N=bn)
         else:
             grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)
-            _block_causal_fwd_tuned[grid](*args, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype))
+            tuned[grid](*args, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype))
     return out, lse
 
 
-def _block_causal_bwd(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_dkdv):
+def _block_causal_bwd(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_dkdv, tma=False):
+    """tma: dq and dk/dv with kernels/block_attn_tma.py's kernels when the layouts allow it."""
     B, L, H, D = q.shape
     dq = dk = dv = None
     if B * H * L == 0:
@@ -1016,12 +1024,14 @@ def _block_causal_bwd(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_
         if need_dq:
             dq = _empty(q.shape, dtype=q.dtype, device=q.device)
             blk = _bwd_blocks("dq", D)
-            _block_causal_bwd_dq_kernel[(triton.cdiv(L, blk["BLOCK_M"]), B * H)](
+            kernel = _tma_kernel("_block_causal_bwd_dq_tma_kernel", q, k, v, do, dq) if tma else None
+            kernel = _block_causal_bwd_dq_kernel if kernel is None else kernel
+            kernel[(triton.cdiv(L, blk["BLOCK_M"]), B * H)](
                 q, k, v, do, dq, lse, delta, *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dq),
                 H, L, chunk_tokens, scale * LOG2E, scale, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype), **blk,
             )
         if need_dkdv:
-            dk, dv = _dkdv(do, q, k, v, lse, delta, chunk_tokens, scale, causal=True)
+            dk, dv = _dkdv(do, q, k, v, lse, delta, chunk_tokens, scale, causal=True, tma=tma)
     return dq, dk, dv
 
 
@@ -1043,8 +1053,9 @@ def _block_causal_bwd(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_
 #   arcopo_fast::chunk_attention_bwd(do, q, k, v, out, lse, <the 10 segment args>, scale, need_dq, need_dkdv,
 #                                    tma)
 #                                -> (dq, dk, dv); a gradient that is not needed comes back as an empty [0]
-#   arcopo_fast::block_causal_attention(q, k, v, chunk_tokens, scale) -> (out, lse)
-#   arcopo_fast::block_causal_attention_bwd(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_dkdv)
+#   arcopo_fast::block_causal_attention(q, k, v, chunk_tokens, scale, tma) -> (out, lse)
+#   arcopo_fast::block_causal_attention_bwd(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_dkdv,
+#                                           tma)
 #                                -> (dq, dk, dv)
 #
 # Autograd (register_autograd): gradients to q, k, v only; lse is non-differentiable. The cache and prefix
@@ -1187,37 +1198,38 @@ _chunk_attention_op.register_autograd(_chunk_attention_backward, setup_context=_
 
 @torch.library.custom_op("arcopo_fast::block_causal_attention", mutates_args=())
 def _block_causal_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_tokens: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_tokens: int, scale: float, tma: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_unit_stride(t) for t in (q, k, v))
-    return _block_causal_fwd(q, k, v, chunk_tokens, scale)
+    return _block_causal_fwd(q, k, v, chunk_tokens, scale, tma)
 
 
 @_block_causal_op.register_fake
-def _block_causal_fake(q, k, v, chunk_tokens, scale):
+def _block_causal_fake(q, k, v, chunk_tokens, scale, tma):
     return _out_lse_fake(q)
 
 
 @torch.library.custom_op("arcopo_fast::block_causal_attention_bwd", mutates_args=())
 def _block_causal_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    chunk_tokens: int, scale: float, need_dq: bool, need_dkdv: bool,
+    chunk_tokens: int, scale: float, need_dq: bool, need_dkdv: bool, tma: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, out = (_unit_stride(t) for t in (q, k, v, out))
-    dq, dk, dv = _block_causal_bwd(do, q, k, v, out, lse.contiguous(), chunk_tokens, scale, need_dq, need_dkdv)
+    dq, dk, dv = _block_causal_bwd(do, q, k, v, out, lse.contiguous(), chunk_tokens, scale, need_dq, need_dkdv,
+                                   tma)
     return _grad_or_empty(dq, q), _grad_or_empty(dk, k), _grad_or_empty(dv, v)
 
 
 @_block_causal_bwd_op.register_fake
-def _block_causal_bwd_fake(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_dkdv):
+def _block_causal_bwd_fake(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_dkdv, tma):
     return _qkv_grads_fake(q, k, v, need_dq, need_dkdv)
 
 
 def _block_causal_setup(ctx, inputs, output):
-    q, k, v, chunk_tokens, scale = inputs
+    q, k, v, chunk_tokens, scale, tma = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.chunk_tokens, ctx.scale = chunk_tokens, scale
+    ctx.chunk_tokens, ctx.scale, ctx.tma = chunk_tokens, scale, tma
     ctx.mark_non_differentiable(lse)
 
 
@@ -1225,8 +1237,8 @@ def _block_causal_backward(ctx, do, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     need = ctx.needs_input_grad
     dq, dk, dv = _block_causal_bwd_op(do, q, k, v, out, lse, ctx.chunk_tokens, ctx.scale, need[0],
-                                      need[1] or need[2])
-    return (*_qkv_grads(ctx, dq, dk, dv), None, None)
+                                      need[1] or need[2], ctx.tma)
+    return (*_qkv_grads(ctx, dq, dk, dv), None, None, None)
 
 
 _block_causal_op.register_autograd(_block_causal_backward, setup_context=_block_causal_setup)
@@ -1322,16 +1334,17 @@ def _check_chunk_tokens(chunk_tokens) -> int:
     return int(chunk_tokens)
 
 
-def block_causal_attention_fwd(q, k, v, chunk_tokens: int, *, scale=None, return_lse=False):
+def block_causal_attention_fwd(q, k, v, chunk_tokens: int, *, scale=None, return_lse=False, tma=False):
     """Forward only, no autograd: out [B, L, H, D] (and lse [B, H, L] fp32, natural log, with return_lse)."""
     q, k, v = _prep_qkv(q, k, v)
     chunk_tokens = _check_chunk_tokens(chunk_tokens)
-    out, lse = _block_causal_fwd(q, k, v, chunk_tokens, _scale(scale, q.shape[-1]))
+    out, lse = _block_causal_fwd(q, k, v, chunk_tokens, _scale(scale, q.shape[-1]), bool(tma))
     return (out, lse) if return_lse else out
 
 
 def block_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_tokens: int, *, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_tokens: int, *, scale: float | None = None,
+    tma: bool = False,
 ) -> torch.Tensor:
     """Full-sequence block-causal attention (teacher forcing), with autograd for q, k and v.
 
@@ -1339,6 +1352,9 @@ def block_causal_attention(
                                  chunk_tokens (the last chunk is then partial).
     chunk_tokens:  tokens per chunk: query i sees key j iff j < min((i // chunk_tokens + 1) * chunk_tokens, L).
     scale:         softmax scale, default 1/sqrt(D).
+    tma:           run the forward and the backward with TMA loads (kernels/block_attn_tma.py) where every
+                   tensor's layout allows it (sm_90+); otherwise, or with False, the pointer kernels. The
+                   caller checks the device (arcopo_fast.ops.tma_unsupported).
 
     The mask, with a KV-cache view: chunk c's row is what chunk_attention computes with the cache
     holding chunks < c ("cache") and the chunk's own keys ("own"); '.' tiles are skipped, never loaded:
@@ -1352,7 +1368,7 @@ def block_causal_attention(
     """
     q, k, v = _prep_qkv(q, k, v)
     chunk_tokens = _check_chunk_tokens(chunk_tokens)
-    out, _ = _block_causal_op(q, k, v, chunk_tokens, _scale(scale, q.shape[-1]))
+    out, _ = _block_causal_op(q, k, v, chunk_tokens, _scale(scale, q.shape[-1]), bool(tma))
     return out
 
 

@@ -1,11 +1,13 @@
-"""TMA variants of the chunk-attention kernels (sm_90+): forward, dq and dk/dv move their q / dO / key /
+"""TMA variants of the attention kernels (sm_90+): forward, dq and dk/dv move their q / dO / key /
 value tiles and store their outputs through device-side tensor descriptors (Hopper's Tensor Memory
 Accelerator) instead of per-thread pointer loads.
 
 Same maths, arguments, split-KV and outputs as block_attn._chunk_attn_fwd_kernel,
 _chunk_attn_bwd_dq_kernel and _dkdv_kernel (the pointer path, which stays the fallback and the default);
 block_attn's launchers use these when asked (tma=True, the "triton_tma" backend of arcopo_fast.ops) and
-`tma_unsupported` / `tma_layout_ok` allow it. Block-causal attention stays on pointers.
+`tma_unsupported` / `tma_layout_ok` allow it. Block-causal attention has TMA variants too (forward and dq
+here, dk/dv is _dkdv_tma_kernel with CAUSAL=True): its keys come from one tensor, so each program needs one
+K and one V descriptor, cut at the last key its q tile may see (see _causal_key_descs).
 
 How the segments map onto descriptors. The pointer kernel walks prefix / cache / own key tiles in ONE loop
 and picks each tile's segment with scalar selects; a descriptor cannot be selected that way without a
@@ -44,6 +46,7 @@ from .block_attn import (
     _FWD_CONFIGS,
     _M_INIT,
     _cast,
+    _causal_q_tile,
     _dq_step,
     _mma,
     _prune_fwd_configs,
@@ -346,3 +349,98 @@ def _dkdv_tma_kernel(
         [start_n, 0], _cast(dk, DK.dtype.element_ty, DOT_PREC))
     _desc(DV + b64 * stride_dvb + h * stride_dvh, L, stride_dvn, HEAD_DIM, BLOCK_N).store(
         [start_n, 0], _cast(dv, DV.dtype.element_ty, DOT_PREC))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Block-causal attention: forward and dq (dk/dv: _dkdv_tma_kernel with CAUSAL=True)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _causal_key_descs(K, V, b64, h, hi_end, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K and V descriptors of row b, head h, cut at hi_end: the keys the q tile may see. The walk's last
+    tile may reach past hi_end; those keys (a later chunk's, or past L) come back as TMA zeros, never read,
+    as the pointer kernel's masked loads."""
+    kd = _desc(K + b64 * stride_kb + h * stride_kh, hi_end, stride_kn, HEAD_DIM, BLOCK_N)
+    vd = _desc(V + b64 * stride_vb + h * stride_vh, hi_end, stride_vn, HEAD_DIM, BLOCK_N)
+    return kd, vd
+
+
+@triton.jit
+def _block_causal_fwd_tma_kernel(
+    Q, K, V, Out, Lse,  # as block_attn._block_causal_fwd_kernel
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    H, L, chunk_tokens, qk_scale,
+    LQ_BUCKET, LK_BUCKET, BH,  # autotune keys only
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # grid: (cdiv(L, BLOCK_M), B * H), heaviest (last) q tiles first, as the pointer kernel
+    bh, b, h, offs_m, row_ok, kend, lo_end, hi_end = _causal_q_tile(H, L, chunk_tokens, BLOCK_M)
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # _causal_q_tile's tile
+    offs_n = tl.arange(0, BLOCK_N)
+    b64 = b.to(tl.int64)
+    q = _desc(Q + b64 * stride_qb + h * stride_qh, L, stride_qn, HEAD_DIM, BLOCK_M).load([start_m, 0])
+    kd, vd = _causal_key_descs(K, V, b64, h, hi_end, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+                               stride_vh, HEAD_DIM, BLOCK_N)
+    m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, hi_end, BLOCK_N):  # only tiles past lo_end take the per-row mask
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = kd.load([start_n, 0])
+        s = _mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+        if start_n + BLOCK_N > lo_end:
+            s = tl.where((start_n + offs_n)[None, :] < kend[:, None], s, float("-inf"))
+        v = vd.load([start_n, 0])
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
+    acc = acc / l_i[:, None]
+    od = _desc(Out + b64 * stride_ob + h * stride_oh, L, stride_on, HEAD_DIM, BLOCK_M)
+    od.store([start_m, 0], _cast(acc, Out.dtype.element_ty, DOT_PREC))  # rows past L: clipped
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
+
+
+_block_causal_fwd_tma_tuned = triton.autotune(
+    configs=_FWD_CONFIGS,
+    key=["HEAD_DIM", "LQ_BUCKET", "LK_BUCKET", "BH"],
+    prune_configs_by={"early_config_prune": _prune_fwd_configs},
+)(_block_causal_fwd_tma_kernel)
+
+
+@triton.jit
+def _block_causal_bwd_dq_tma_kernel(
+    Q, K, V, DO, DQ, Lse, Delta,  # as block_attn._block_causal_bwd_dq_kernel
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don, stride_doh,
+    stride_dqb, stride_dqn, stride_dqh,
+    H, L, chunk_tokens, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # grid: (cdiv(L, BLOCK_M), B * H), heaviest q tiles first; the forward's key range and descriptors
+    bh, b, h, offs_m, row_ok, kend, lo_end, hi_end = _causal_q_tile(H, L, chunk_tokens, BLOCK_M)
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    offs_n = tl.arange(0, BLOCK_N)
+    b64 = b.to(tl.int64)
+    q = _desc(Q + b64 * stride_qb + h * stride_qh, L, stride_qn, HEAD_DIM, BLOCK_M).load([start_m, 0])
+    do = _desc(DO + b64 * stride_dob + h * stride_doh, L, stride_don, HEAD_DIM, BLOCK_M).load([start_m, 0])
+    lse2 = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+    kd, vd = _causal_key_descs(K, V, b64, h, hi_end, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+                               stride_vh, HEAD_DIM, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, hi_end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = kd.load([start_n, 0])
+        v = vd.load([start_n, 0])
+        # per-element bias: 0 on every tile below lo_end (one select, as the pointer kernel)
+        bias = tl.where((start_n + offs_n)[None, :] < kend[:, None], 0.0, float("-inf"))
+        dq = _dq_step(dq, q, do, lse2, delta, k, v, bias, qk_scale, DOT_PREC)
+    dq = dq * sm_scale
+    dqd = _desc(DQ + b64 * stride_dqb + h * stride_dqh, L, stride_dqn, HEAD_DIM, BLOCK_M)
+    dqd.store([start_m, 0], _cast(dq, DQ.dtype.element_ty, DOT_PREC))  # rows past L: clipped

@@ -95,14 +95,16 @@ def test_opcheck_chunk_attention(case, poison):
         torch.library.opcheck(CHUNK_BWD, bwd_args)
 
 
-def test_opcheck_block_causal_partial_last_chunk(poison):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+def test_opcheck_block_causal_partial_last_chunk(poison, tma):
     gen = torch.Generator().manual_seed(1)
     q, k, v = _qkv(gen)
-    args = (q, k, v, 10, 0.25)  # LQ = 24 = 10 + 10 + 4: the last chunk is partial
+    args = (q, k, v, 10, 0.25, tma)  # LQ = 24 = 10 + 10 + 4: the last chunk is partial
     torch.library.opcheck(CAUSAL_FWD, args)
     with torch.no_grad():
         out, lse = CAUSAL_FWD(*args)
-        bwd_args = (rand(B, LQ, H, D, gen=gen), q.detach(), k.detach(), v.detach(), out, lse, 10, 0.25, True, True)
+        bwd_args = (rand(B, LQ, H, D, gen=gen), q.detach(), k.detach(), v.detach(), out, lse, 10, 0.25, True, True,
+                    tma)
         torch.library.opcheck(CAUSAL_BWD, bwd_args)
 
 

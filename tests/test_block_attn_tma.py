@@ -1,5 +1,5 @@
-"""kernels/block_attn_tma.py: the chunk-attention forward with TMA loads (device-side tensor descriptors),
-against the float64 reference, and how arcopo_fast.ops exposes it ("triton_tma").
+"""kernels/block_attn_tma.py: the chunk-attention and block-causal kernels with TMA loads (device-side tensor
+descriptors), against the float64 references, and how arcopo_fast.ops exposes them ("triton_tma").
 
 Under TRITON_INTERPRET=1 the interpreter emulates the descriptors: bounds per descriptor dimension (rows
 past a segment's length come back as zeros, memory not read), clipped stores, and TMA's alignment rules
@@ -48,12 +48,13 @@ class _Counting:
 
 @pytest.fixture
 def tma_launches(monkeypatch):
-    """{"fwd" | "dq" | "dkdv": grids} of the TMA kernels' launches (interpreter launches go through
-    __getitem__; compiled runs on a GPU are not counted)."""
-    grids = {"fwd": [], "dq": [], "dkdv": []}
+    """{"fwd" | "dq" | "dkdv" | "causal_fwd" | "causal_dq": grids} of the TMA kernels' launches (interpreter
+    launches go through __getitem__; compiled runs on a GPU are not counted). dk/dv of both ops is "dkdv"."""
+    grids = {"fwd": [], "dq": [], "dkdv": [], "causal_fwd": [], "causal_dq": []}
     if INTERPRET:
         for key, name in (("fwd", "_chunk_attn_fwd_tma_kernel"), ("dq", "_chunk_attn_bwd_dq_tma_kernel"),
-                          ("dkdv", "_dkdv_tma_kernel")):
+                          ("dkdv", "_dkdv_tma_kernel"), ("causal_fwd", "_block_causal_fwd_tma_kernel"),
+                          ("causal_dq", "_block_causal_bwd_dq_tma_kernel")):
             monkeypatch.setattr(bt, name, _Counting(getattr(bt, name), grids[key]))
     return grids
 
@@ -145,7 +146,7 @@ def test_tma_gradients_through_the_op(case, tma_launches):
         out = fn(*leaves)
         grads.append((out, *torch.autograd.grad(out, leaves, do.to(out.dtype))))
     if INTERPRET:
-        assert [len(g) for g in tma_launches.values()] == [1, 1, 1]
+        assert {k: len(g) for k, g in tma_launches.items()} == dict(fwd=1, dq=1, dkdv=1, causal_fwd=0, causal_dq=0)
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), *grads):
         check(name, a, b, c)
 
@@ -175,6 +176,72 @@ def test_tma_split_kv(monkeypatch, tma_launches):
     torch.testing.assert_close(lse.double(), r_lse.double(), rtol=0, atol=1e-4)
 
 
+# Block-causal: (id, B, L, H, D, dtype, chunk_tokens). No L is a multiple of the 16-row interpreter tile or of
+# its chunk (the last chunk is partial) except where the case says so.
+CAUSAL_CASES = [
+    ("chunk7-bf16-d32", 2, 37, 2, 32, torch.bfloat16, 7),  # chunk edges inside every tile
+    ("chunk12-fp16-d64", 1, 45, 1, 64, torch.float16, 12),
+    ("chunk24-fp32-d16", 1, 53, 2, 16, torch.float32, 24),  # chunks span tiles: unmasked tiles below lo_end
+    ("chunk16-bf16-d16", 1, 48, 1, 16, torch.bfloat16, 16),  # chunk = tile, L a multiple of both
+    ("one-partial-chunk-fp16-d16", 2, 21, 1, 16, torch.float16, 40),  # plain attention
+]
+
+
+def _causal(case, seed):
+    _, B, L, H, D, dtype, chunk = case
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (rand(B, L, H, D, dtype=dtype, gen=gen) for _ in range(3))
+    return q, k, v, chunk, rand(B, L, H, D, gen=gen)
+
+
+@pytest.mark.parametrize("case", CAUSAL_CASES, ids=[c[0] for c in CAUSAL_CASES])
+def test_tma_block_causal_forward_matches_float64_reference(case, tma_launches):
+    q, k, v, chunk, _ = _causal(case, seed=21)
+    out, lse = ba.block_causal_attention_fwd(q, k, v, chunk, return_lse=True, tma=True)
+    if INTERPRET:
+        assert len(tma_launches["causal_fwd"]) == 1 and tma_launches["fwd"] == []
+    exact, r_lse = ref.block_causal_attention_ref(q.double(), k.double(), v.double(), chunk)
+    check(case[0], out, exact, ref.block_causal_attention_ref(q, k, v, chunk, upcast=False)[0])
+    torch.testing.assert_close(lse.double(), r_lse.double(), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", [CAUSAL_CASES[i] for i in (0, 1, 2)], ids=[CAUSAL_CASES[i][0] for i in (0, 1, 2)])
+def test_tma_block_causal_gradients(case, tma_launches):
+    """block_causal_attention(tma=True): the TMA forward, dq and dk/dv (the chunk kernel's, CAUSAL=True: q /
+    dO rows past L are TMA zeros, the key tiles that straddle a chunk edge take the mask) against float64."""
+    q, k, v, chunk, do = _causal(case, seed=23)
+    grads = []
+    for fn, dt in ((lambda a, b, c: ba.block_causal_attention(a, b, c, chunk, tma=True), None),
+                   (lambda a, b, c: ref.block_causal_attention_ref(a, b, c, chunk)[0], torch.float64),
+                   (lambda a, b, c: ref.block_causal_attention_ref(a, b, c, chunk, upcast=False)[0], None)):
+        leaves = [(t if dt is None else t.to(dt)).detach().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves)
+        grads.append((out, *torch.autograd.grad(out, leaves, do.to(out.dtype))))
+    if INTERPRET:
+        assert {k: len(g) for k, g in tma_launches.items()} == dict(fwd=0, dq=0, dkdv=1, causal_fwd=1, causal_dq=1)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), *grads):
+        check(f"{case[0]} {name}", a, b, c)
+
+
+def test_tma_block_causal_never_reads_keys_past_a_tiles_last_chunk(tma_launches):
+    """Each program's K / V descriptors end at the last key its q tile may see (hi_end). The first q tile (rows
+    0-15, chunks of 10: hi_end 20) walks the key tiles [0, 16) and [16, 32); keys 20-31 must come back as TMA
+    zeros, never read (a read NaN value times P = 0 is NaN). With NaN in every key and value from 20 on, that
+    tile's rows still match the clean float64 reference."""
+    if not INTERPRET:
+        pytest.skip("the interpreter's 16-row q tiles")
+    gen = torch.Generator().manual_seed(25)
+    B, L, H, D, chunk = 1, 45, 2, 16, 10
+    q, k, v = (rand(B, L, H, D, dtype=torch.float16, gen=gen) for _ in range(3))
+    kn, vn = k.clone(), v.clone()
+    kn[:, 20:], vn[:, 20:] = float("nan"), float("nan")
+    out = ba.block_causal_attention_fwd(q, kn, vn, chunk, tma=True)
+    assert len(tma_launches["causal_fwd"]) == 1 and ba.INTERPRET_BLOCKS["fwd"][0] == 16
+    exact = ref.block_causal_attention_ref(q.double(), k.double(), v.double(), chunk)[0][:, :16]
+    lowp = ref.block_causal_attention_ref(q, k, v, chunk, upcast=False)[0][:, :16]
+    check("rows of the first q tile", out[:, :16], exact, lowp)
+
+
 def test_layouts_tma_cannot_address_fall_back_to_the_pointer_kernel(tma_launches):
     """A q whose data is 2 bytes off 16-byte alignment (a view into a larger buffer): TMA cannot address it,
     the pointer kernel serves, same result. tma_layout_ok is the host-side rule."""
@@ -191,14 +258,18 @@ def test_layouts_tma_cannot_address_fall_back_to_the_pointer_kernel(tma_launches
     torch.testing.assert_close(out, ba.chunk_attention_fwd(q, k, v), rtol=0, atol=0)
 
 
-def test_ops_backend_triton_tma_and_its_gates(monkeypatch):
-    """backend="triton_tma" runs the TMA forward when forced (CPU: interpreter only); "auto" never lists it on
-    CPU, and on CUDA only where TMA exists (sm_90+, a Triton with tensor descriptors); other ops forced to
-    triton_tma run their Triton kernels."""
+def test_ops_backend_triton_tma_and_its_gates(monkeypatch, tma_launches):
+    """backend="triton_tma" runs the TMA forwards of chunk and block-causal attention when forced (CPU:
+    interpreter only); "auto" never lists it on CPU, and on CUDA only where TMA exists (sm_90+, a Triton with
+    tensor descriptors); other ops forced to triton_tma run their Triton kernels."""
     gen = torch.Generator().manual_seed(9)
     q, k, v = (rand(1, 18, 2, 16, dtype=torch.bfloat16, gen=gen) for _ in range(3))
     got = ops.chunk_attention(q, k, v, backend="triton_tma")
     torch.testing.assert_close(got, ops.chunk_attention(q, k, v, backend="triton"), rtol=0, atol=0)
+    got = ops.block_causal_attention(q, k, v, 7, backend="triton_tma")
+    torch.testing.assert_close(got, ops.block_causal_attention(q, k, v, 7, backend="triton"), rtol=0, atol=0)
+    if INTERPRET:
+        assert len(tma_launches["fwd"]) == 1 and len(tma_launches["causal_fwd"]) == 1
     assert "triton_tma" not in ops.attention_candidates(torch.device("cpu"), "chunk_attention", torch.bfloat16)
 
     monkeypatch.setattr(ops, "triton_available", lambda: True)
@@ -207,8 +278,8 @@ def test_ops_backend_triton_tma_and_its_gates(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
         cands = ops.attention_candidates(torch.device("cuda"), "chunk_attention", torch.bfloat16)
         assert ("triton_tma" in cands) is listed, (cap, cands)
-        assert "triton_tma" not in ops.attention_candidates(torch.device("cuda"), "block_causal_attention",
-                                                            torch.bfloat16)
+        causal = ops.attention_candidates(torch.device("cuda"), "block_causal_attention", torch.bfloat16)
+        assert ("triton_tma" in causal) is listed, (cap, causal)
     assert "sm_86" in ops.tma_unsupported("cuda")
     monkeypatch.delattr(bt.tl, "make_tensor_descriptor")
     assert "tensor descriptors" in ops.tma_unsupported("cuda")
@@ -223,10 +294,14 @@ def test_selftest_covers_triton_tma(monkeypatch):
     passes against float64 (run here on CPU through the interpreter)."""
     v = selftest.run_check("chunk_attention", "ragged/fwd/d16", "triton_tma", DEVICE, "bfloat16")
     assert v.ok, v.error
+    v = selftest.run_check("block_causal_attention", "fwd/d16", "triton_tma", DEVICE, "bfloat16")
+    assert v.ok, v.error
     monkeypatch.setattr(ops, "tma_unsupported", lambda device: None)
     listed = [c for c in selftest.all_checks("cuda:0", "bfloat16", 16) if c[2] == "triton_tma"]
-    assert {c[1] for c in listed} == {f"{k}/{p}/d16" for k in ("own", "cache", "ragged", "prefix")
-                                     for p in ("fwd", "fwd+bwd")}
+    chunk = {f"{k}/{p}/d16" for k in ("own", "cache", "ragged", "prefix") for p in ("fwd", "fwd+bwd")}
+    assert {c[1] for c in listed if c[0] == "chunk_attention"} == chunk
+    assert {c[1] for c in listed if c[0] == "block_causal_attention"} == {"fwd/d16", "fwd+bwd/d16"}
+    assert {c[0] for c in listed} == {"chunk_attention", "block_causal_attention"}
     monkeypatch.setattr(ops, "tma_unsupported", lambda device: "no TMA")
     assert not [c for c in selftest.all_checks("cuda:0", "bfloat16", 16) if c[2] == "triton_tma"]
 
