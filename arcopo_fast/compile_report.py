@@ -117,15 +117,18 @@ def _all_specs() -> dict[str, list[dict]]:
                                         module=tma)
     specs["chunk_fwd_split_tma"] = _fwd_specs("chunk_fwd_split_tma", "_chunk_attn_fwd_tma_kernel",
                                               dict(seg, SPLIT=True), module=tma)
+    specs["block_causal_fwd_tma"] = _fwd_specs("block_causal_fwd_tma", "_block_causal_fwd_tma_kernel", {}, module=tma)
     for name, m, fn, cx in (("chunk_dq", mod, "_chunk_attn_bwd_dq_kernel", seg),
                             ("chunk_dq_tma", tma, "_chunk_attn_bwd_dq_tma_kernel", seg),
-                            ("block_causal_dq", mod, "_block_causal_bwd_dq_kernel", {})):
+                            ("block_causal_dq", mod, "_block_causal_bwd_dq_kernel", {}),
+                            ("block_causal_dq_tma", tma, "_block_causal_bwd_dq_tma_kernel", {})):
         bm, bn, w, s = ba.BWD_DQ_CONFIG[HEAD_DIM]
         specs[name] = [_spec(name, m, fn, dict(cx, HEAD_DIM=HEAD_DIM, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="tf32"),
                              w, s, True, ptrs=ptrs)]
     for name, m, fn, causal in (("chunk_dkdv", mod, "_dkdv_kernel", False),
                                 ("chunk_dkdv_tma", tma, "_dkdv_tma_kernel", False),
-                                ("block_causal_dkdv", mod, "_dkdv_kernel", True)):
+                                ("block_causal_dkdv", mod, "_dkdv_kernel", True),
+                                ("block_causal_dkdv_tma", tma, "_dkdv_tma_kernel", True)):
         bm, bn, w, s = ba.BWD_DKDV_CONFIG[HEAD_DIM]
         cx = dict(CAUSAL=causal, HEAD_DIM=HEAD_DIM, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="tf32")
         specs[name] = [_spec(name, m, fn, cx, w, s, True, ptrs=ptrs)]
@@ -334,16 +337,18 @@ def _compile_cu(src: Path, arch: int, nvcc: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------
 
 KERNELS = ("chunk_fwd", "chunk_fwd_split", "chunk_fwd_tma", "chunk_fwd_split_tma", "chunk_fwd_combine",
-           "block_causal_fwd", "chunk_fwd_fp32",
-           "chunk_dq", "chunk_dq_tma", "block_causal_dq", "chunk_dkdv", "chunk_dkdv_tma", "block_causal_dkdv",
-           "bwd_delta",
+           "block_causal_fwd", "block_causal_fwd_tma", "chunk_fwd_fp32",
+           "chunk_dq", "chunk_dq_tma", "block_causal_dq", "block_causal_dq_tma", "chunk_dkdv", "chunk_dkdv_tma",
+           "block_causal_dkdv", "block_causal_dkdv_tma", "bwd_delta",
            "neighbour_fwd", "neighbour_bwd", "cuda_ext")
 # Kernels whose matmuls must run on Hopper tensor cores (wgmma) on sm_90.
 ATTENTION_KERNELS = ("chunk_fwd", "chunk_fwd_split", "chunk_fwd_tma", "chunk_fwd_split_tma", "block_causal_fwd",
-                     "chunk_fwd_fp32", "chunk_dq", "chunk_dq_tma", "block_causal_dq", "chunk_dkdv",
-                     "chunk_dkdv_tma", "block_causal_dkdv")
+                     "block_causal_fwd_tma", "chunk_fwd_fp32", "chunk_dq", "chunk_dq_tma", "block_causal_dq",
+                     "block_causal_dq_tma", "chunk_dkdv", "chunk_dkdv_tma", "block_causal_dkdv",
+                     "block_causal_dkdv_tma")
 # Kernels that move their tiles with TMA (device-side tensor descriptors) on sm_90.
-TMA_KERNELS = ("chunk_fwd_tma", "chunk_fwd_split_tma", "chunk_dq_tma", "chunk_dkdv_tma")
+TMA_KERNELS = ("chunk_fwd_tma", "chunk_fwd_split_tma", "chunk_dq_tma", "chunk_dkdv_tma", "block_causal_fwd_tma",
+               "block_causal_dq_tma", "block_causal_dkdv_tma")
 
 
 def build_report(*, arch: int = 90, kernels: list[str] | None = None, include_pruned: bool = True,

@@ -7,7 +7,7 @@ cuDNN and memory-efficient backends, FlexAttention and flash-attn (when importab
   test_pivot_forward_backward AR-CoPO's training form at B 4: gradients for q and the chunk's own k, v.
                               Ours skips dk/dv of the cache; baselines concatenate (timed, as a real
                               implementation must) and run SDPA's backward over the whole [cache ; chunk].
-  test_block_causal           teacher forcing over 21 frames x 1560 tokens, chunk 4680: ours vs FlexAttention's
+  test_block_causal           teacher forcing over 21 frames x 1560 tokens, chunk 4680: ours (and ours_tma) vs FlexAttention's
                               block mask (and dense, unmasked cuDNN as a yardstick), forward and fwd+bwd.
   test_*_cpu_tiny             tiny CPU cases so that `pytest benchmarks/` does something without a GPU.
 
@@ -36,7 +36,7 @@ LKS = (4680, 18720, 32760)
 BATCHES = (1, 4, 12)
 IMPLS = ("ours", "ours_tma", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "flash_attn")
 DT = torch.bfloat16
-OURS = {"ours": "triton", "ours_tma": "triton_tma"}  # ours_tma: the TMA forward (sm_90+), same backward
+OURS = {"ours": "triton", "ours_tma": "triton_tma"}  # ours_tma: the TMA kernels (sm_90+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,16 +229,17 @@ def block_causal_pairs(length: int, chunk: int) -> int:
 
 
 @requires_cuda
-@pytest.mark.parametrize("impl", ("ours", "flex", "sdpa_cudnn_dense"))
+@pytest.mark.parametrize("impl", ("ours", "ours_tma", "flex", "sdpa_cudnn_dense"))
 @pytest.mark.parametrize("mode", ("fwd", "fwd_bwd"))
 def test_block_causal(benchmark, mode, impl):
+    _skip_without_tma(impl)
     batch, length = 1, FRAMES * FRAME_TOKENS
     torch.manual_seed(0)
     grad = mode == "fwd_bwd"
     q, k, v = (_rand(batch, length, H, D, requires_grad=grad) for _ in range(3))
     do = _rand(batch, length, H, D)
-    if impl == "ours":
-        attn = lambda: ops.block_causal_attention(q, k, v, CHUNK, backend="triton")
+    if impl in OURS:
+        attn = lambda: ops.block_causal_attention(q, k, v, CHUNK, backend=OURS[impl])
         pairs = block_causal_pairs(length, CHUNK)
     elif impl == "flex":
         from torch.nn.attention.flex_attention import create_block_mask

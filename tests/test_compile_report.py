@@ -4,7 +4,7 @@ Every config the autotuners keep (and the fixed backward / neighbour configs) is
 GPUTarget("cuda", 90) with the ptxas that triton ships. The gate: no register spills in a kept config, every
 attention kernel issues wgmma (Hopper tensor cores), and the kernel-design targets of issue 15 hold
 (forward 128x64 within 168 registers, dq with 64-key tiles, a one-launch neighbour forward, fp32 attention
-on tensor cores), and the TMA forward issues TMA copies. CI compiles the kept configs only (include_pruned=False; the pruned ones are the doctor's
+on tensor cores), and the TMA kernels issue TMA copies. CI compiles the kept configs only (include_pruned=False; the pruned ones are the doctor's
 and docs/performance.md's business), in parallel worker processes, each config once per session.
 """
 
@@ -75,10 +75,11 @@ def test_kernel_design_targets(report):
 
 
 def test_tma_kernels_use_tma_and_wgmma(report):
-    """The TMA forward, dq and dk/dv (kernels/block_attn_tma.py) load their tiles with TMA (cp.async.bulk.tensor
-    in the PTX, UTMALDG in the SASS), store O / dq / dk, dv with TMA (UTMASTG; the split forward writes fp32
-    partials with plain stores), run their MMAs as wgmma; the forward's 128x64 configs stay within its register
-    budget, dq and dk/dv take fewer registers than their pointer kernels; the pointer kernels issue no TMA."""
+    """The TMA forward, dq and dk/dv of chunk and block-causal attention (kernels/block_attn_tma.py) load their
+    tiles with TMA (cp.async.bulk.tensor in the PTX, UTMALDG in the SASS), store O / dq / dk, dv with TMA
+    (UTMASTG; the split forward writes fp32 partials with plain stores), run their MMAs as wgmma; the chunk
+    forward's 128x64 configs stay within its register budget, the block-causal forward's 128x64 configs and
+    every dq and dk/dv take fewer registers than their pointer kernels; the pointer kernels issue no TMA."""
     for name in cr.TMA_KERNELS:
         recs = [r for r in report if r["kernel"] == name]
         assert recs, name
@@ -87,12 +88,16 @@ def test_tma_kernels_use_tma_and_wgmma(report):
             stores = r["tma"]["store"] >= 1 and r["sass_tma"]["UTMASTG"] >= 1
             assert stores == (name != "chunk_fwd_split_tma"), r
         pointer = [r for r in report if r["kernel"] == name.replace("_tma", "")]
-        if name in ("chunk_dq_tma", "chunk_dkdv_tma"):  # one fixed config each: fewer registers than pointers
+        if "_dq" in name or "_dkdv" in name:  # one fixed config each: fewer registers than pointers
             assert recs[0]["regs"] < pointer[0]["regs"], (recs, pointer)
         else:
             tiles = [r for r in recs if _cfg(r)["BLOCK_M"] == 128 and _cfg(r)["BLOCK_N"] == 64]
             assert tiles and max(r["regs"] for r in tiles) <= 168, tiles
-    pointer_kernels = ("chunk_fwd", "chunk_dq", "chunk_dkdv")
+        if name == "block_causal_fwd_tma":  # same configs as the pointer forward, each with fewer registers
+            regs = {r["config"]: r["regs"] for r in pointer}
+            assert all(r["regs"] < regs[r["config"]] for r in tiles), (tiles, regs)
+    pointer_kernels = ("chunk_fwd", "chunk_dq", "chunk_dkdv", "block_causal_fwd", "block_causal_dq",
+                       "block_causal_dkdv")
     assert all(r["tma"] == {"load": 0, "store": 0} for r in report if r["kernel"] in pointer_kernels)
 
 
