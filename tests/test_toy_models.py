@@ -15,10 +15,12 @@ from arcopo_fast.toy import assets, world
 
 ROOT = Path(__file__).resolve().parent.parent
 # Measured on the shipped weights (python -m arcopo_fast.toy measure --prompts 16 --samples 2; the CI test
-# below uses one sample of 16 prompts): background recognised in 1.0 of the samples, colour in 0.81.
+# below uses one sample of 16 prompts): background recognised in 1.0 of the samples, colour in 0.78.
 BACKGROUND_RATE_MIN, COLOUR_RATE_MIN = 0.9, 0.6
-# A 12-iteration default run (fixed prompts and noises, measured): Overall 0.771 -> 0.779, VQ 0.1617 -> 0.1700.
-SHORT_ITERATIONS, OVERALL_RISE_MIN, VQ_TOLERANCE = 12, 0.002, 0.002
+# The default run cut to 12 iterations at 4x its lr (2e-4: the distance the default 5e-5 covers in about 48
+# iterations; at 5e-5, 12 iterations move the fixed-prompt score by less than its noise, -0.009). Measured on
+# fixed prompts and noises: Overall 0.9257 -> 0.9668, VQ 0.2291 -> 0.2421, MQ 0.1254 -> 0.1263, TA +0.027.
+SHORT_ITERATIONS, SHORT_LR, OVERALL_RISE_MIN, VQ_TOLERANCE = 12, 2e-4, 0.01, 0.002
 
 
 @pytest.fixture(scope="module")
@@ -109,13 +111,13 @@ def test_base_model_samples_are_recognised_by_ta():
 
 @pytest.mark.slow
 def test_short_default_run_raises_toy_videoalign_and_keeps_vq(tmp_path):
-    """The embedded default run, cut short: on fixed prompts and seeds, the adapter raises toy_videoalign
-    over the base model while VQ does not fall."""
+    """The embedded default run, cut short (and its lr raised to match, see SHORT_LR): on fixed prompts and
+    seeds, the adapter raises toy_videoalign over the base model while VQ does not fall."""
     from arcopo_fast.config import load_config
     from arcopo_fast.toy.measure import adapter_effect, read_prompts
     from arcopo_fast.trainer import Trainer
 
-    cfg = load_config(overrides=[f"run.out_dir={tmp_path}", f"run.iterations={SHORT_ITERATIONS}", "run.progress=false",
+    cfg = load_config(overrides=[f"run.out_dir={tmp_path}", f"run.iterations={SHORT_ITERATIONS}", f"optim.lr={SHORT_LR}", "run.progress=false",
                                  "run.sample_videos=false", "model.embed_cache_dir=null"])
     t = Trainer(cfg)
     t.run()

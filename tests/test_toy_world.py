@@ -119,6 +119,25 @@ def test_channels_the_decoder_ignores_are_weighted_down_in_the_loss():
     assert float(base._weighted_mse(pred, target, w)) == pytest.approx(float((err * w).sum() / w.sum()), rel=1e-6)
 
 
+def test_motion_term_weighs_frame_to_frame_error_changes_inside_chunks_only():
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(2, 6, 3, 2, 2, generator=g)
+    still = target + torch.randn(2, 1, 3, 2, 2, generator=g)  # the same error in every frame: no motion error
+    assert float(base._motion_mse(still, target, 3, None)) == pytest.approx(0.0, abs=1e-12)
+    jump = target.clone()
+    jump[:, 3:] += 1.0  # an error that changes only across the chunk boundary (frames 2 -> 3): not counted
+    assert float(base._motion_mse(jump, target, 3, None)) == pytest.approx(0.0, abs=1e-12)
+    drift = target.clone()
+    drift[:, 1] += 1.0  # frame 1 of chunk 0 off by 1: pairs (0, 1) and (1, 2) each differ by 1 everywhere
+    d = drift - target
+    dt = torch.cat([d[:, 1:3] - d[:, 0:2], d[:, 4:6] - d[:, 3:5]], dim=1)
+    assert float(base._motion_mse(drift, target, 3, None)) == pytest.approx(float(dt.pow(2).mean()), rel=1e-6)
+    w = torch.tensor([1.0, 0.0, 1.0])  # channel weights apply as in the frame term
+    drift_dead = target.clone()
+    drift_dead[:, 1, 1] += 1.0
+    assert float(base._motion_mse(drift_dead, target, 3, w)) == pytest.approx(0.0, abs=1e-12)
+
+
 def test_teacher_ema_gives_the_model_the_average_of_its_weights():
     model = torch.nn.Linear(2, 1, bias=False)
     ema = base._Ema(model, 0.9)

@@ -43,6 +43,8 @@ class Recipe:
     teacher_ema: float = 0.999
     dead_channel_weight: float = 0.02
     """Loss weight of the latent channels the VAE's decoder ignores (base.dead_channel_weights)."""
+    motion_weight: float = 2.0
+    """Weight of the frame-difference term in the teacher and student losses (base.train_teacher)."""
     ode_samples: int = 512
     ode_steps: int = 24
     guidance: float = 2.0
@@ -214,7 +216,7 @@ def _build(out, recipe, *, threads, log, command, stages, teacher_out) -> dict:
         model = CausalWanModel(cfg)
         weights = base.dead_channel_weights(latents, weight=r.dead_channel_weight)
         base.train_teacher(model, data, steps=r.teacher_steps, batch=r.teacher_batch, lr=r.teacher_lr, seed=r.seed,
-                           ema=r.teacher_ema, channel_weights=weights, log=log)
+                           ema=r.teacher_ema, channel_weights=weights, motion_weight=r.motion_weight, log=log)
         if teacher_out:  # not shipped: for inspecting the ODE targets' source
             save_model(model, teacher_out)
 
@@ -233,7 +235,7 @@ def _build(out, recipe, *, threads, log, command, stages, teacher_out) -> dict:
     with clock("student"):
         student = copy.deepcopy(model)
         base.train_student(student, ends, points, ode_text, student_sigmas=sig, steps=r.student_steps, batch=r.student_batch, lr=r.student_lr, seed=r.seed,
-                            channel_weights=weights, log=log)
+                            channel_weights=weights, motion_weight=r.motion_weight, log=log)
         save_model(student, out / "base_model.safetensors")
 
     return _finish(out, r, clock, threads, command, cpu0, wall0, log)
