@@ -206,7 +206,8 @@ def train_teacher(
     Why the motion term: a mean squared error over whole frames is dominated by appearance (colour, size,
     background); an object drifting the wrong way costs little of it. Measured on this world (1000 steps, the
     teacher's guided ODE samples of 32 held-out prompts): weight 2 raised MQ 0.008 -> 0.095 and VQ 0.15 ->
-    0.27 at equal TA."""
+    0.27 at equal TA (5 was unstable). The price: a temporally steady guess is the background, so objects
+    come out fainter (the student's object mass ~40% of the data's)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     avg = _Ema(model, ema)
