@@ -37,6 +37,7 @@ from .kernels import reference as ref
 _OP_BACKENDS = ("auto", "torch", "triton")
 _ATTENTION_ONLY = ("triton_tma", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "flash_attn")
 _BACKENDS = (*_OP_BACKENDS, *_ATTENTION_ONLY)
+_OURS = ("triton", "triton_tma")  # the backends that run arcopo_fast.kernels
 # Devices where "auto" measures attention candidates (tests add "cpu", with fake timers)
 MEASURE_ON = ("cuda",)
 
@@ -104,7 +105,7 @@ def _requested(backend: str | None) -> tuple[str, bool]:
 
 
 def _check_runnable(want: str, t: torch.Tensor, op: str) -> None:
-    if want in ("triton", "triton_tma"):
+    if want in _OURS:
         if not triton_available():
             raise RuntimeError(f"{op}: backend '{want}' requested but triton is not importable")
         if not (t.is_cuda or interpreting()):
@@ -315,7 +316,7 @@ def _traced_attention_backend(op: str, variant: str, device: str, dtype: str) ->
                 for k, c in backend_choice.chooser().choices(dev).items() if k.startswith(prefix)]
     if measured:
         won = max(measured)[1]
-        return won if won in ("triton", "triton_tma") and ours(won) else "torch"
+        return won if won in _OURS and ours(won) else "torch"
     return "triton" if ours("triton") else "torch"
 
 
@@ -419,7 +420,7 @@ def chunk_attention(
     want, explicit = _requested(backend)
 
     def run(be: str, q=q, k=k, v=v):
-        if be in ("triton", "triton_tma"):
+        if be in _OURS:
             from .kernels import block_attn  # a plain import: torch.compile traces it, not importlib
 
             return block_attn.chunk_attention(q, k, v, *args, scale=scale, tma=be == "triton_tma")
@@ -446,7 +447,7 @@ def chunk_attention(
         if kc is not None:
             lk += n if isinstance(n, int) else kc.shape[1]  # a tensor length: its capacity (no sync)
     names = lambda: [n for n in attention_candidates(q.device, "chunk_attention", q.dtype)
-                     if n in ("torch", "triton", "triton_tma") or ab.unsupported(n, call) is None]
+                     if n in ("torch", *_OURS) or ab.unsupported(n, call) is None]
     be = _auto_attention("chunk_attention", variant, q, lk, call, names,
                          lambda n: _timed_call(lambda a, b, c: run(n, a, b, c), grad, q, k, v))
     return run(be)
@@ -486,7 +487,7 @@ def block_causal_attention(
     want, explicit = _requested(backend)
 
     def run(be: str, q=q, k=k, v=v):
-        if be in ("triton", "triton_tma") and window_tokens is None:  # no window in our kernels
+        if be in _OURS and window_tokens is None:  # no window in our kernels
             from .kernels import block_attn  # a plain import: torch.compile traces it, not importlib
 
             tma = be == "triton_tma"
@@ -500,9 +501,8 @@ def block_causal_attention(
         return run(want if explicit else _gate("block_causal_attention", variant, want, q))
     if q.device.type not in MEASURE_ON:
         return run("torch")
-    ours = ("triton", "triton_tma")
     names = lambda: [n for n in attention_candidates(q.device, "block_causal_attention", q.dtype)
-                     if not (n in ours and window_tokens is not None)] + (["flex"] if q.is_cuda else [])
+                     if not (n in _OURS and window_tokens is not None)] + (["flex"] if q.is_cuda else [])
     be = _auto_attention("block_causal_attention", variant, q, q.shape[1], window_tokens, names,
                          lambda n: _timed_call(lambda a, b, c: run(n, a, b, c), grad, q, k, v))
     return run(be)

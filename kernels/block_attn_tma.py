@@ -7,7 +7,7 @@ _chunk_attn_bwd_dq_kernel and _dkdv_kernel (the pointer path, which stays the fa
 block_attn's launchers use these when asked (tma=True, the "triton_tma" backend of arcopo_fast.ops) and
 `tma_unsupported` / `tma_layout_ok` allow it. Block-causal attention has TMA variants too (forward and dq
 here, dk/dv is _dkdv_tma_kernel with CAUSAL=True): its keys come from one tensor, so each program needs one
-K and one V descriptor, cut at the last key its q tile may see (see _causal_key_descs).
+K and one V descriptor, cut at the last key its q tile may see (see _key_descs).
 
 How the segments map onto descriptors. The pointer kernel walks prefix / cache / own key tiles in ONE loop
 and picks each tile's segment with scalar selects; a descriptor cannot be selected that way without a
@@ -117,6 +117,28 @@ def _desc(base, rows, stride_n, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _key_descs(K, V, b64, h, n, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K and V descriptors of row b, head h of [B, L, H, D] keys, cut at n: the keys this program may see
+    (block-causal: the q tile's last visible key; chunk attention: the chunk's own Lq keys). A tile that
+    reaches past n gets TMA zeros there, memory not read, as the pointer kernel's masked loads."""
+    kd = _desc(K + b64 * stride_kb + h * stride_kh, n, stride_kn, HEAD_DIM, BLOCK_N)
+    vd = _desc(V + b64 * stride_vb + h * stride_vh, n, stride_vn, HEAD_DIM, BLOCK_N)
+    return kd, vd
+
+
+@triton.jit
+def _segment_descs(KX, VX, ROWS, LENS, seg_len, len_stride, seg_max, b, h,
+                   stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+                   HAS_ROWS: tl.constexpr, LEN_PTR: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(K descriptor, V descriptor, n) of a prefix or cache segment for row b, head h: block_attn._segment's
+    row base and length, the length as the descriptors' first dimension."""
+    kx, vx, n = _segment(KX, VX, ROWS, LENS, seg_len, len_stride, seg_max, b, h,
+                         stride_kb, stride_kh, stride_vb, stride_vh, HAS_ROWS, LEN_PTR)
+    return _desc(kx, n, stride_kn, HEAD_DIM, BLOCK_N), _desc(vx, n, stride_vn, HEAD_DIM, BLOCK_N), n
+
+
+@triton.jit
 def _walk_segment(acc, l_i, m_i, q, kd, vd, n, first, lo, hi, qk_scale, offs_n,
                   BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online softmax over one segment of n keys, which owns tiles [first, first + cdiv(n, BLOCK_N)) of the
@@ -167,11 +189,13 @@ def _chunk_attn_fwd_tma_kernel(
     n0 = Lq * 0
     n1 = Lq * 0
     if HAS_PREFIX:
-        kp, vp, n0 = _segment(KP, VP, PROWS, PLEN, prefix_len, plen_stride, prefix_max, b, h,
-                              stride_kpb, stride_kph, stride_vpb, stride_vph, True, PLEN_PTR)
+        kpd, vpd, n0 = _segment_descs(KP, VP, PROWS, PLEN, prefix_len, plen_stride, prefix_max, b, h,
+                                      stride_kpb, stride_kpn, stride_kph, stride_vpb, stride_vpn, stride_vph,
+                                      True, PLEN_PTR, HEAD_DIM, BLOCK_N)
     if HAS_CACHE:
-        kc, vc, n1 = _segment(KC, VC, CROWS, CLEN, cache_len, clen_stride, cache_max, b, h,
-                              stride_kcb, stride_kch, stride_vcb, stride_vch, CACHE_ROWS, CLEN_PTR)
+        kcd, vcd, n1 = _segment_descs(KC, VC, CROWS, CLEN, cache_len, clen_stride, cache_max, b, h,
+                                      stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn, stride_vch,
+                                      CACHE_ROWS, CLEN_PTR, HEAD_DIM, BLOCK_N)
     t1 = tl.cdiv(n0, BLOCK_N)
     t2 = t1 + tl.cdiv(n1, BLOCK_N)
     total = t2 + tl.cdiv(Lq, BLOCK_N)
@@ -188,15 +212,11 @@ def _chunk_attn_fwd_tma_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if HAS_PREFIX:
-        acc, l_i, m_i = _walk_segment(acc, l_i, m_i, q, _desc(kp, n0, stride_kpn, HEAD_DIM, BLOCK_N),
-                                      _desc(vp, n0, stride_vpn, HEAD_DIM, BLOCK_N), n0, 0, lo, hi, qk_scale,
-                                      offs_n, BLOCK_N, DOT_PREC)
+        acc, l_i, m_i = _walk_segment(acc, l_i, m_i, q, kpd, vpd, n0, 0, lo, hi, qk_scale, offs_n, BLOCK_N, DOT_PREC)
     if HAS_CACHE:
-        acc, l_i, m_i = _walk_segment(acc, l_i, m_i, q, _desc(kc, n1, stride_kcn, HEAD_DIM, BLOCK_N),
-                                      _desc(vc, n1, stride_vcn, HEAD_DIM, BLOCK_N), n1, t1, lo, hi, qk_scale,
-                                      offs_n, BLOCK_N, DOT_PREC)
-    kd = _desc(K + b64 * stride_kb + h * stride_kh, Lq, stride_kn, HEAD_DIM, BLOCK_N)
-    vd = _desc(V + b64 * stride_vb + h * stride_vh, Lq, stride_vn, HEAD_DIM, BLOCK_N)
+        acc, l_i, m_i = _walk_segment(acc, l_i, m_i, q, kcd, vcd, n1, t1, lo, hi, qk_scale, offs_n, BLOCK_N, DOT_PREC)
+    kd, vd = _key_descs(K, V, b64, h, Lq, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+                        HEAD_DIM, BLOCK_N)
     acc, l_i, m_i = _walk_segment(acc, l_i, m_i, q, kd, vd, Lq, t2, lo, hi, qk_scale, offs_n, BLOCK_N, DOT_PREC)
 
     if SPLIT:
@@ -271,17 +291,17 @@ def _chunk_attn_bwd_dq_tma_kernel(
     delta = tl.load(Delta + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if HAS_PREFIX:
-        kp, vp, n0 = _segment(KP, VP, PROWS, PLEN, prefix_len, plen_stride, prefix_max, b, h,
-                              stride_kpb, stride_kph, stride_vpb, stride_vph, True, PLEN_PTR)
-        dq = _dq_walk_segment(dq, q, do, lse2, delta, _desc(kp, n0, stride_kpn, HEAD_DIM, BLOCK_N),
-                              _desc(vp, n0, stride_vpn, HEAD_DIM, BLOCK_N), n0, qk_scale, offs_n, BLOCK_N, DOT_PREC)
+        kpd, vpd, n0 = _segment_descs(KP, VP, PROWS, PLEN, prefix_len, plen_stride, prefix_max, b, h,
+                                      stride_kpb, stride_kpn, stride_kph, stride_vpb, stride_vpn, stride_vph,
+                                      True, PLEN_PTR, HEAD_DIM, BLOCK_N)
+        dq = _dq_walk_segment(dq, q, do, lse2, delta, kpd, vpd, n0, qk_scale, offs_n, BLOCK_N, DOT_PREC)
     if HAS_CACHE:
-        kc, vc, n1 = _segment(KC, VC, CROWS, CLEN, cache_len, clen_stride, cache_max, b, h,
-                              stride_kcb, stride_kch, stride_vcb, stride_vch, CACHE_ROWS, CLEN_PTR)
-        dq = _dq_walk_segment(dq, q, do, lse2, delta, _desc(kc, n1, stride_kcn, HEAD_DIM, BLOCK_N),
-                              _desc(vc, n1, stride_vcn, HEAD_DIM, BLOCK_N), n1, qk_scale, offs_n, BLOCK_N, DOT_PREC)
-    kd = _desc(K + b64 * stride_kb + h * stride_kh, Lq, stride_kn, HEAD_DIM, BLOCK_N)
-    vd = _desc(V + b64 * stride_vb + h * stride_vh, Lq, stride_vn, HEAD_DIM, BLOCK_N)
+        kcd, vcd, n1 = _segment_descs(KC, VC, CROWS, CLEN, cache_len, clen_stride, cache_max, b, h,
+                                      stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn, stride_vch,
+                                      CACHE_ROWS, CLEN_PTR, HEAD_DIM, BLOCK_N)
+        dq = _dq_walk_segment(dq, q, do, lse2, delta, kcd, vcd, n1, qk_scale, offs_n, BLOCK_N, DOT_PREC)
+    kd, vd = _key_descs(K, V, b64, h, Lq, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+                        HEAD_DIM, BLOCK_N)
     dq = _dq_walk_segment(dq, q, do, lse2, delta, kd, vd, Lq, qk_scale, offs_n, BLOCK_N, DOT_PREC)
     dq = dq * sm_scale
     dqd = _desc(DQ + b64 * stride_dqb + h * stride_dqh, Lq, stride_dqn, HEAD_DIM, BLOCK_M)
@@ -357,17 +377,6 @@ def _dkdv_tma_kernel(
 
 
 @triton.jit
-def _causal_key_descs(K, V, b64, h, hi_end, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
-    """K and V descriptors of row b, head h, cut at hi_end: the keys the q tile may see. The walk's last
-    tile may reach past hi_end; those keys (a later chunk's, or past L) come back as TMA zeros, never read,
-    as the pointer kernel's masked loads."""
-    kd = _desc(K + b64 * stride_kb + h * stride_kh, hi_end, stride_kn, HEAD_DIM, BLOCK_N)
-    vd = _desc(V + b64 * stride_vb + h * stride_vh, hi_end, stride_vn, HEAD_DIM, BLOCK_N)
-    return kd, vd
-
-
-@triton.jit
 def _block_causal_fwd_tma_kernel(
     Q, K, V, Out, Lse,  # as block_attn._block_causal_fwd_kernel
     stride_qb, stride_qn, stride_qh,
@@ -384,7 +393,7 @@ def _block_causal_fwd_tma_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     b64 = b.to(tl.int64)
     q = _desc(Q + b64 * stride_qb + h * stride_qh, L, stride_qn, HEAD_DIM, BLOCK_M).load([start_m, 0])
-    kd, vd = _causal_key_descs(K, V, b64, h, hi_end, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+    kd, vd = _key_descs(K, V, b64, h, hi_end, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
                                stride_vh, HEAD_DIM, BLOCK_N)
     m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -431,7 +440,7 @@ def _block_causal_bwd_dq_tma_kernel(
     do = _desc(DO + b64 * stride_dob + h * stride_doh, L, stride_don, HEAD_DIM, BLOCK_M).load([start_m, 0])
     lse2 = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
-    kd, vd = _causal_key_descs(K, V, b64, h, hi_end, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+    kd, vd = _key_descs(K, V, b64, h, hi_end, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
                                stride_vh, HEAD_DIM, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(0, hi_end, BLOCK_N):

@@ -128,9 +128,9 @@ def _motion_mse(pred: torch.Tensor, target: torch.Tensor, chunk_frames: int, cha
     """Weighted mean squared error of the frame-to-frame differences of (pred - target) [B, F, C, H, W],
     between neighbouring frames of the same chunk."""
     d = pred - target
-    dt = d[:, 1:] - d[:, :-1]
     same = (torch.arange(1, d.shape[1], device=d.device) % chunk_frames) != 0  # pair (f-1, f) inside a chunk
-    return _weighted_mse(dt[:, same], torch.zeros_like(dt[:, same]), channel_weights)
+    dt = (d[:, 1:] - d[:, :-1])[:, same]
+    return _weighted_mse(dt, torch.zeros_like(dt), channel_weights)
 
 
 def dead_channel_weights(latents: torch.Tensor, *, dead_std: float = 0.05, weight: float = 0.02) -> torch.Tensor:
@@ -229,9 +229,10 @@ def train_teacher(
         xt = (1 - s5) * x0 + s5 * eps
         cross = model.encode_text(text * keep)
         v = teacher_forcing_forward(model, x0, xt, sig * 1000, cross)
-        loss = _weighted_mse(v, eps - x0, channel_weights)
+        target = eps - x0
+        loss = _weighted_mse(v, target, channel_weights)
         if motion_weight:
-            loss = loss + motion_weight * _motion_mse(v, eps - x0, L, channel_weights)
+            loss = loss + motion_weight * _motion_mse(v, target, L, channel_weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
