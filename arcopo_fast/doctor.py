@@ -103,10 +103,17 @@ def extension_info(device) -> dict:
         import torch
 
         cap = "{}.{}".format(*torch.cuda.get_device_capability(device))
-        archs = [a.removesuffix("+PTX") for a in info["archs"].split(";") if a]
-        ptx = [a.removesuffix("+PTX") for a in info["archs"].split(";") if a.endswith("+PTX")]
-        info["covers_device"] = cap in archs or any(float(p) <= float(cap) for p in ptx) or info["archs"] == "unknown"
+        info["covers_device"] = info["archs"] == "unknown" or arch_list_covers(info["archs"], cap)
     return info
+
+
+def arch_list_covers(archs: str, cap: str) -> bool:
+    """Whether an extension built for `archs` ("8.0;9.0a;10.0+PTX") runs natively or through its PTX on a
+    device of capability `cap` ("9.0"). The arch-specific and family suffixes (9.0a, 10.0f) are machine code
+    for that capability too: the H200 run built for TORCH_CUDA_ARCH_LIST=9.0a and was reported uncovered."""
+    entries = [a for a in archs.split(";") if a]
+    base = lambda a: a.removesuffix("+PTX").rstrip("af")
+    return cap in (base(a) for a in entries) or any(float(base(a)) <= float(cap) for a in entries if a.endswith("+PTX"))
 
 
 def _report(args, device) -> dict:

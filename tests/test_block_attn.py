@@ -9,7 +9,7 @@ same dtype (the naive reference computed in that dtype), plus a tiny absolute sl
 
 from __future__ import annotations
 
-from triton_env import DEVICE, INTERPRET, require_kernel_device
+from triton_env import DEVICE, INTERPRET, require_kernel_device, tf32_reference_on_gpu  # noqa: F401 (autouse)
 
 require_kernel_device()  # sets TRITON_INTERPRET=1 (CPU) unless chosen; before triton is imported
 

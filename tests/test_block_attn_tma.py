@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextvars
 
-from triton_env import DEVICE, INTERPRET, require_kernel_device
+from triton_env import DEVICE, INTERPRET, require_kernel_device, tf32_reference_on_gpu  # noqa: F401 (autouse)
 
 require_kernel_device()  # sets TRITON_INTERPRET=1 (CPU) unless chosen; before triton is imported
 

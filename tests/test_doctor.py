@@ -201,3 +201,12 @@ def test_gpu_check_out_of_time_still_writes_the_page(tmp_path):
     page = (out / "performance.md").read_text()
     assert "| doctor | skipped | 0 | no time left |" in page and "| benchmarks | skipped |" in page
     assert "no bench.json" in page
+
+
+def test_arch_list_covers_arch_specific_and_ptx_builds():
+    assert doctor.arch_list_covers("9.0a", "9.0")  # the card's TORCH_CUDA_ARCH_LIST (measured on an H200)
+    assert doctor.arch_list_covers("8.0;8.6;9.0", "9.0")
+    assert doctor.arch_list_covers("8.0;8.6+PTX", "9.0")  # PTX JIT-compiles forward
+    assert doctor.arch_list_covers("10.0f", "10.0")
+    assert not doctor.arch_list_covers("8.0;8.6", "9.0")
+    assert not doctor.arch_list_covers("9.0+PTX", "8.6")  # PTX never runs backward
