@@ -155,6 +155,16 @@ def _walk_segment(acc, l_i, m_i, q, kd, vd, n, first, lo, hi, qk_scale, offs_n,
     return acc, l_i, m_i
 
 
+@triton.jit
+def _store_out_lse(acc, l_i, m_i, out_base, stride_on, lse_row0, L, start_m, offs_m, row_ok,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The forward epilogue: O = acc / l through a descriptor over the (b, h) slab's L rows (rows past L are
+    clipped by TMA) and the natural-log LSE of each valid row."""
+    od = _desc(out_base, L, stride_on, HEAD_DIM, BLOCK_M)
+    od.store([start_m, 0], _cast(acc / l_i[:, None], out_base.dtype.element_ty, DOT_PREC))
+    tl.store(lse_row0 + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+
+
 @triton.jit(do_not_specialize=["cache_len", "prefix_len"])
 def _chunk_attn_fwd_tma_kernel(
     Q, K, V, Out, Lse, OPart, LsePart, KC, VC, CLEN, CROWS, KP, VP, PLEN, PROWS,  # as _chunk_attn_fwd_kernel
@@ -228,11 +238,8 @@ def _chunk_attn_fwd_tma_kernel(
         tl.store(LsePart + part, tl.where(l_i > 0, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), float("-inf")),
                  mask=row_ok)
     else:
-        acc = acc / l_i[:, None]
-        od = _desc(Out + b64 * stride_ob + h * stride_oh, Lq, stride_on, HEAD_DIM, BLOCK_M)
-        od.store([start_m, 0], _cast(acc, Out.dtype.element_ty, DOT_PREC))  # rows past Lq: clipped
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-        tl.store(Lse + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
+        _store_out_lse(acc, l_i, m_i, Out + b64 * stride_ob + h * stride_oh, stride_on, Lse + bh.to(tl.int64) * Lq, Lq,
+                       start_m, offs_m, row_ok, HEAD_DIM, BLOCK_M, DOT_PREC)
 
 
 _chunk_attn_fwd_tma_tuned = triton.autotune(
@@ -406,11 +413,8 @@ def _block_causal_fwd_tma_kernel(
             s = tl.where((start_n + offs_n)[None, :] < kend[:, None], s, float("-inf"))
         v = vd.load([start_n, 0])
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
-    acc = acc / l_i[:, None]
-    od = _desc(Out + b64 * stride_ob + h * stride_oh, L, stride_on, HEAD_DIM, BLOCK_M)
-    od.store([start_m, 0], _cast(acc, Out.dtype.element_ty, DOT_PREC))  # rows past L: clipped
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-    tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
+    _store_out_lse(acc, l_i, m_i, Out + b64 * stride_ob + h * stride_oh, stride_on, Lse + bh.to(tl.int64) * L, L,
+                   start_m, offs_m, row_ok, HEAD_DIM, BLOCK_M, DOT_PREC)
 
 
 _block_causal_fwd_tma_tuned = triton.autotune(

@@ -133,18 +133,26 @@ def test_tma_forward_matches_float64_reference_and_ignores_nan_past_lengths(case
     torch.testing.assert_close(lse.double(), r_lse.double(), rtol=0, atol=1e-4)
 
 
+def _outputs_and_grads(q, k, v, do, fns):
+    """[(out, dq, dk, dv)] of each (fn, dtype) in fns: fn on fresh leaves (q, k, v in dtype; None: as given),
+    back-propagated with do."""
+    res = []
+    for fn, dt in fns:
+        leaves = [(t if dt is None else t.to(dt)).detach().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves)
+        res.append((out, *torch.autograd.grad(out, leaves, do.to(out.dtype))))
+    return res
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=[CASES[0][0], CASES[3][0]])
 def test_tma_gradients_through_the_op(case, tma_launches):
     """chunk_attention(tma=True): the TMA forward, dq (NaN past the lengths must not reach dq either) and
     dk/dv (odd Lq: q / dO rows past it are TMA zeros), against float64."""
     q, k, v, args, ref_args, do = _case(case, seed=5)
-    grads = []
-    for fn, dt in ((lambda a, b, c: ba.chunk_attention(a, b, c, *args, tma=True), None),
-                   (lambda a, b, c: ref.chunk_attention_ref(a, b, c, *ref_args, upcast=True)[0], torch.float64),
-                   (lambda a, b, c: ref.chunk_attention_ref(a, b, c, *ref_args, upcast=False)[0], None)):
-        leaves = [(t if dt is None else t.to(dt)).detach().requires_grad_(True) for t in (q, k, v)]
-        out = fn(*leaves)
-        grads.append((out, *torch.autograd.grad(out, leaves, do.to(out.dtype))))
+    grads = _outputs_and_grads(q, k, v, do, (
+        (lambda a, b, c: ba.chunk_attention(a, b, c, *args, tma=True), None),
+        (lambda a, b, c: ref.chunk_attention_ref(a, b, c, *ref_args, upcast=True)[0], torch.float64),
+        (lambda a, b, c: ref.chunk_attention_ref(a, b, c, *ref_args, upcast=False)[0], None)))
     if INTERPRET:
         assert {k: len(g) for k, g in tma_launches.items()} == dict(fwd=1, dq=1, dkdv=1, causal_fwd=0, causal_dq=0)
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), *grads):
@@ -210,13 +218,10 @@ def test_tma_block_causal_gradients(case, tma_launches):
     """block_causal_attention(tma=True): the TMA forward, dq and dk/dv (the chunk kernel's, CAUSAL=True: q /
     dO rows past L are TMA zeros, the key tiles that straddle a chunk edge take the mask) against float64."""
     q, k, v, chunk, do = _causal(case, seed=23)
-    grads = []
-    for fn, dt in ((lambda a, b, c: ba.block_causal_attention(a, b, c, chunk, tma=True), None),
-                   (lambda a, b, c: ref.block_causal_attention_ref(a, b, c, chunk)[0], torch.float64),
-                   (lambda a, b, c: ref.block_causal_attention_ref(a, b, c, chunk, upcast=False)[0], None)):
-        leaves = [(t if dt is None else t.to(dt)).detach().requires_grad_(True) for t in (q, k, v)]
-        out = fn(*leaves)
-        grads.append((out, *torch.autograd.grad(out, leaves, do.to(out.dtype))))
+    grads = _outputs_and_grads(q, k, v, do, (
+        (lambda a, b, c: ba.block_causal_attention(a, b, c, chunk, tma=True), None),
+        (lambda a, b, c: ref.block_causal_attention_ref(a, b, c, chunk)[0], torch.float64),
+        (lambda a, b, c: ref.block_causal_attention_ref(a, b, c, chunk, upcast=False)[0], None)))
     if INTERPRET:
         assert {k: len(g) for k, g in tma_launches.items()} == dict(fwd=0, dq=0, dkdv=1, causal_fwd=1, causal_dq=1)
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), *grads):
