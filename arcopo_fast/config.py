@@ -553,10 +553,12 @@ def preset_toy() -> dict:
 
     lr: the paper's 1e-5 is for LoRA on the 1.3B model (dim 1536). Adam moves every weight by about lr per
     step, and a layer's output then moves in proportion to its fan-in, so the same per-step change of the
-    function at dim 64 needs lr * 1536 / 64 = 2.4e-4 (the muP rule for hidden layers): the upper end.
-    Measured on the shipped base model (60 iterations, the before/after sample grid, same noises): 2e-4 and
-    1e-4 trade motion for the rest (MQ 0.31 -> 0.10 and -> 0.18, grid 1.36 -> 1.10 and -> 1.31); 5e-5 raises
-    the grid (1.36 -> 1.40: VQ and TA up, MQ held) and the training reward more (1.10 -> 1.22)."""
+    function at dim 96 needs lr * 1536 / 96 = 1.6e-4 (the muP rule for hidden layers): the upper end.
+    Measured on the shipped base model (60 iterations, the before/after sample grid, same noises): 1e-4
+    raises all three dimensions (grid 1.446 -> 1.628: VQ 0.41 -> 0.48, MQ 0.37 -> 0.44, TA 0.67 -> 0.71),
+    5e-5 less (-> 1.570); in `toy reproduce` (200 iterations, 96 paired videos) 1e-4 gave AR-CoPO +0.048 +-
+    0.028 against +0.030 +- 0.018 at 5e-5. On the previous 64-wide model 1e-4 and 2e-4 traded motion for
+    the rest (MQ 0.31 -> 0.18 and -> 0.10), so it ran at 5e-5."""
     from .toy.assets import WEIGHTS_DIR, read_manifest, read_prompts
 
     w = WEIGHTS_DIR
@@ -565,7 +567,7 @@ def preset_toy() -> dict:
         "model": {"preset": "toy", "checkpoint": str(w / "base_model.safetensors"), "text_encoder": str(w / "text_encoder"), "vae": str(w / "vae")},
         "sampler": {"num_chunks": 3, "latent_height": 8, "latent_width": 8, "shift": read_manifest(w)["sampler"]["shift"]},
         "algo": {"group_size": 8, "num_anchors": 4, "perturb_scale": 0.5, "clip_eps": 1e-4, "epochs": 2},
-        "optim": {"lr": 5e-5, "grad_clip": 1.0},
+        "optim": {"lr": 1e-4, "grad_clip": 1.0},
         "adapter": {"rank": 8, "alpha": 16.0},
         "data": {"prompts": str(w / "prompts.txt"), "eval_prompt": prompts[0], "eval_prompts": prompts[1:8]},
         "reward": {"rewards": [{"name": "toy_videoalign"}]},

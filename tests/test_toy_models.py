@@ -15,12 +15,13 @@ from arcopo_fast.toy import assets, world
 
 ROOT = Path(__file__).resolve().parent.parent
 # Measured on the shipped weights (python -m arcopo_fast.toy measure --prompts 16 --samples 2; the CI test
-# below uses one sample of 16 prompts): background recognised in 1.0 of the samples, colour in 0.78.
-BACKGROUND_RATE_MIN, COLOUR_RATE_MIN = 0.9, 0.6
-# The default run cut to 12 iterations at 4x its lr (2e-4: the distance the default 5e-5 covers in about 48
-# iterations; at 5e-5, 12 iterations move the fixed-prompt score by less than its noise, -0.009). Measured on
-# fixed prompts and noises: Overall 0.9257 -> 0.9668, VQ 0.2291 -> 0.2421, MQ 0.1254 -> 0.1263, TA +0.027.
-SHORT_ITERATIONS, SHORT_LR, OVERALL_RISE_MIN, VQ_TOLERANCE = 12, 2e-4, 0.01, 0.002
+# below uses one sample of 16 prompts): background recognised in 1.0 of the samples (CI case 1.0), colour in
+# 0.91 (1.0), every prompted attribute at once in 0.06 (0.06): direction and shape are its weak points.
+BACKGROUND_RATE_MIN, COLOUR_RATE_MIN, ALL_ATTRIBUTES_MAX = 0.9, 0.75, 0.5
+# The default run cut to 20 of its 60 iterations (its lr, 1e-4). Measured on fixed prompts and noises (8 x 2):
+# Overall 1.3013 -> 1.3233, VQ 0.2786 -> 0.2843, MQ +0.015, TA +0.002; 12 iterations moved it by less than
+# its noise (+0.012; at 2e-4 +0.005 with VQ -0.004).
+SHORT_ITERATIONS, SHORT_LR, OVERALL_RISE_MIN, VQ_TOLERANCE = 20, 1e-4, 0.01, 0.002
 
 
 @pytest.fixture(scope="module")
@@ -101,17 +102,18 @@ def test_toy_rewards_prefer_the_world_truth(world_videos):
 @pytest.mark.slow
 def test_base_model_samples_are_recognised_by_ta():
     """The shipped generator follows its prompts, imperfectly: the TA model recognises the prompted
-    background and colour in most samples (not all: room for RL)."""
+    background and colour in most samples, but every prompted attribute at once in few (room for RL)."""
     from arcopo_fast.toy.measure import load_toy_generator, read_prompts, recognition, toy_rewards
 
     res = recognition(load_toy_generator(), toy_rewards(), read_prompts()[:16], samples_per_prompt=1)
     assert res["recognition_rate/background"] >= BACKGROUND_RATE_MIN, res
-    assert COLOUR_RATE_MIN <= res["recognition_rate/colour"] < 1.0, res
+    assert res["recognition_rate/colour"] >= COLOUR_RATE_MIN, res
+    assert res["recognition_rate"] <= ALL_ATTRIBUTES_MAX, res
 
 
 @pytest.mark.slow
 def test_short_default_run_raises_toy_videoalign_and_keeps_vq(tmp_path):
-    """The embedded default run, cut short (and its lr raised to match, see SHORT_LR): on fixed prompts and
+    """The embedded default run, cut short (see SHORT_ITERATIONS): on fixed prompts and
     seeds, the adapter raises toy_videoalign over the base model while VQ does not fall."""
     from arcopo_fast.config import load_config
     from arcopo_fast.toy.measure import adapter_effect, read_prompts

@@ -114,9 +114,11 @@ def toy_plan() -> Plan:
         ta_key="toy_videoalign/TA",
         quality_keys=("toy_videoalign/VQ", "toy_videoalign/MQ"),
         ta_only_rewards=[{"name": "toy_videoalign", "components": {"TA": 1.0}}],
-        # 60 iterations (the default run's) moved the evaluation by less than 2 SE (+0.005 +- 0.011); 150 by
-        # +0.057 +- 0.020; 200 by +0.071 +- 0.025. Unclipped semi-on-policy drifts slowly at this lr: quality
-        # -0.004 +- 0.027 after 100 iterations (the paper's count), -0.27 +- 0.03 after 300.
+        # On the 64-wide base model at lr 5e-5, 60 iterations (the default run's) moved the evaluation by less
+        # than 2 SE (+0.005 +- 0.011), 200 by +0.071 +- 0.025; unclipped semi-on-policy drifted slowly: quality
+        # -0.004 +- 0.027 after 100 iterations (the paper's count), -0.27 +- 0.03 after 300. On the 96-wide
+        # model, 200 iterations at 5e-5: AR-CoPO +0.030 +- 0.018, TA alone MQ -0.024 +- 0.027; at 1e-4 (the
+        # default run's lr now) +0.048 +- 0.028 and -0.090 +- 0.031.
         iterations=200,
         semi_iterations=300,  # a semi iteration neither rolls out nor scores: cheap
         buffer_groups=32,
