@@ -76,7 +76,7 @@ PRESETS: dict[str, ModelConfig] = {
         init_std_head=0.02,
     ),
     # The toy world's generator (arcopo_fast.toy): trained weights ship in the package; about 2.5 MB.
-    # Width 96 rather than 64: at 64 the teacher ignored the direction word (docs in toy/base.py).
+    # Width 96 rather than 64: at 64 the same recipe gave faint objects and lower rewards (README: toy world).
     "toy": ModelConfig(
         dim=96,
         num_layers=4,
