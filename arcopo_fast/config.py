@@ -554,10 +554,11 @@ def preset_toy() -> dict:
     lr: the paper's 1e-5 is for LoRA on the 1.3B model (dim 1536). Adam moves every weight by about lr per
     step, and a layer's output then moves in proportion to its fan-in, so the same per-step change of the
     function at dim 96 needs lr * 1536 / 96 = 1.6e-4 (the muP rule for hidden layers): the upper end.
-    Measured on the shipped base model (60 iterations, the before/after sample grid, same noises): 1e-4
-    raises all three dimensions (grid 1.446 -> 1.628: VQ 0.41 -> 0.48, MQ 0.37 -> 0.44, TA 0.67 -> 0.71),
-    5e-5 less (-> 1.570); in `toy reproduce` (200 iterations, 96 paired videos) 1e-4 gave AR-CoPO +0.048 +-
-    0.028 against +0.030 +- 0.018 at 5e-5. On the previous 64-wide model 1e-4 and 2e-4 traded motion for
+    Measured on the shipped base model (60 iterations; 32 prompts x 6 videos, each with its own noise, +- SE
+    over prompts): 1e-4 raises TA +0.013 +- 0.005 and VQ +0.026 +- 0.007, MQ falls 0.032 +- 0.018, the sum
+    +0.006 +- 0.019; 5e-5 moves each less (+0.005, +0.012, -0.007; sum +0.010 +- 0.008); in `toy reproduce`
+    (200 iterations) 1e-4 gave +0.030 +- 0.019. (The earlier grid 1.446 -> 1.628 gave every prompt the same
+    noise: one noise's layout, not a measure.) On the previous 64-wide model 1e-4 and 2e-4 traded motion for
     the rest (MQ 0.31 -> 0.18 and -> 0.10), so it ran at 5e-5."""
     from .toy.assets import WEIGHTS_DIR, read_manifest, read_prompts
 

@@ -56,7 +56,7 @@ from .rl.rollout import GroupSample, RolloutEngine
 from .rl.update import group_loss, sample_anchors
 from .sampler import StreamingSampler
 
-EVAL_SAMPLE_ID = 2**31 - 1  # noise id of the before/after sample videos (never a training group)
+EVAL_SAMPLE_ID = 2**31 - 1  # first noise id of the before/after sample videos (never a training group)
 
 logger = logging.getLogger(__name__)
 
@@ -495,11 +495,13 @@ class Trainer:
 
     def write_samples(self, tag: str, iteration: int) -> None:
         """Rank 0: a sample video of data.eval_prompt (a grid with data.eval_prompts) with the current weights
-        (tag 'before' runs the base weights: adapters disabled; every prompt uses the same noise), written to
-        samples/<tag>.mp4 (+ a PNG contact sheet) and sent to the dashboards under 'samples' at step
-        `iteration`. The videos are scored with the training reward into samples/scores.json: the same
-        prompts and noises at every tag, so 'before' vs 'after' is a paired measure of what training changed
-        (the training reward's first/last iterations also differ by the prompts drawn)."""
+        (tag 'before' runs the base weights: adapters disabled; prompt i uses noise id EVAL_SAMPLE_ID + i at
+        every tag), written to samples/<tag>.mp4 (+ a PNG contact sheet) and sent to the dashboards under
+        'samples' at step `iteration`. The videos are scored with the training reward into
+        samples/scores.json: the same prompts and noises at every tag, so 'before' vs 'after' is a paired
+        measure of what training changed (the training reward's first/last iterations also differ by the
+        prompts drawn). Each prompt has its own noise: one noise shared by all would make the grid's score a
+        measure of that one noise's layout (toy/reproduce.eval_noise_ids)."""
         if not (self.cfg.run.sample_videos and self.dist.is_main):
             return
         from .video_io import tile_videos, write_contact_sheet, write_mp4
@@ -508,7 +510,7 @@ class Trainer:
         cross = self.cross_for(prompts)
         ctx = adapters.adapters_disabled(self.model) if tag == "before" else contextlib.nullcontext()
         with torch.no_grad(), ctx:
-            lat = self.sampler.generate(cross, num_chunks=self.cfg.sampler.num_chunks, latent_hw=self.latent_hw, samples=[EVAL_SAMPLE_ID] * len(prompts))
+            lat = self.sampler.generate(cross, num_chunks=self.cfg.sampler.num_chunks, latent_hw=self.latent_hw, samples=[EVAL_SAMPLE_ID + i for i in range(len(prompts))])
             videos = self.vae.decode(lat).float()
             total, comps = self.reward(videos, prompts)
             videos = videos.cpu()

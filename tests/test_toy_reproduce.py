@@ -41,6 +41,21 @@ def test_paired_difference_and_standard_error_by_hand():
         paired(ev, "a", "b", "m")
 
 
+def test_paired_standard_error_is_over_prompts_not_videos():
+    """Two videos per prompt: the prompt's differences are averaged first (videos of a prompt are not
+    independent), so n is the number of prompts and a prompt's repeated videos do not shrink the SE."""
+    rows = lambda vals: [{"prompt": f"p{i // 2}", "seed": 100 + i, "m": v} for i, v in enumerate(vals)]  # noqa: E731
+    ev = {"a": {"rows": rows([0.0] * 6)}, "b": {"rows": rows([1.0, 3.0, 0.0, 0.0, 3.0, 5.0])}}
+    p = paired(ev, "a", "b", "m")  # prompt means 2, 0, 4: mean 2, sample var 4, se sqrt(4/3)
+    assert p["n"] == 3 and p["diff"] == pytest.approx(2.0) and p["se"] == pytest.approx((4 / 3) ** 0.5)
+
+
+def test_every_prompt_is_evaluated_on_its_own_noises():
+    ids = [reproduce.eval_noise_ids(i, 6) for i in range(32)]
+    flat = [j for row in ids for j in row]
+    assert len(set(flat)) == len(flat) == 192 and min(flat) == reproduce.EVAL_NOISE_ID0
+
+
 def test_the_paper_s_pattern_reproduces_every_claim():
     raw = _raw({
         "ar-copo": {"total": 0.3, "r/TA": 0.1},
@@ -97,6 +112,7 @@ def test_reproduce_command_writes_report_plot_and_numbers_at_the_tiniest_setting
     assert [c["id"] for c in data["claims"]] == list("abcde")
     assert all(c["verdict"] in ("reproduced", "partly", "not") for c in data["claims"])
     assert set(data["eval"]) == set(POLICIES) and all(r["num_videos"] == 2 for r in data["eval"].values())
+    assert len({r["seed"] for r in data["eval"]["base"]["rows"]}) == 2  # each prompt its own noise
     assert all(len(rows) == 1 for rows in data["curves"].values())
     sde = data["curves"]["sde-grpo"][0]
     assert sde["update/ratio_max_dev/epoch0"] < 1e-4  # the SDE-GRPO run went through the shared update

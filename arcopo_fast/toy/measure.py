@@ -2,6 +2,7 @@
 
 - recognition: the fraction of base samples (one per prompt and seed) whose every prompted attribute is the
   TA model's top choice (arcopo_fast.rewards.toy.recognised), and the mean TA / VQ / MQ;
+- ground_truth: the same numbers for the world's own videos of those prompts through the VAE (the ceiling);
 - spreads: AR-CoPO groups exactly as the trainer rolls them out (rl/rollout.py: one pivot chunk's initial
   noise perturbed at s = 0.5, every other noise shared), scored by toy_videoalign: the mean within-group
   std of each reward against the std over prompts of the group means (AR-CoPO's premise: the first must be
@@ -45,25 +46,67 @@ def toy_rewards(root: str | Path | None = None):
     return ToyVideoAlign(ta=str(root / "reward_ta.safetensors"), vq=str(root / "reward_vq.safetensors"), mq=str(root / "reward_mq.safetensors"))
 
 
+class _Tally:
+    """Recognition hits (every attribute, and each alone) and mean rewards, accumulated over batches of videos."""
+
+    def __init__(self, reward):
+        from ..rewards.toy import TA_HEADS
+
+        self.reward, self.heads = reward, TA_HEADS
+        self.hits, self.per, self.scores = [], {k: [] for k in TA_HEADS}, {}
+
+    def add(self, videos: torch.Tensor, prompts: list[str]) -> None:
+        from ..rewards.toy import prepare, prompt_targets, recognised
+
+        logits = self.reward.ta.net(prepare(videos))
+        targets = prompt_targets(prompts)
+        self.hits.append(recognised(logits, targets))
+        for k in self.heads:
+            self.per[k].append(recognised(logits, targets, heads=(k,)))
+        for k, v in self.reward(videos, prompts).items():
+            self.scores.setdefault(k, []).append(v)
+
+    def result(self) -> dict:
+        hits = torch.cat(self.hits)
+        out = {"recognition_rate": float(hits.float().mean()), "videos": len(hits)}
+        out.update({f"recognition_rate/{k}": float(torch.cat(v).float().mean()) for k, v in self.per.items()})
+        out.update({f"mean/{k}": float(torch.cat(v).mean()) for k, v in self.scores.items()})
+        return out
+
+
 @torch.no_grad()
 def recognition(gen, reward, prompts: list[str], samples_per_prompt: int = 2, num_chunks: int = 3) -> dict:
-    from ..rewards.toy import TA_HEADS, prepare, prompt_targets, recognised
-
-    hits, per, scores = [], {k: [] for k in TA_HEADS}, {}
+    tally = _Tally(reward)
     for p in prompts:
         lat = gen.sampler.generate(gen.cross([p] * samples_per_prompt), num_chunks=num_chunks, latent_hw=(8, 8), samples=list(range(samples_per_prompt)))
-        videos = gen.vae.decode(lat).float()
-        logits = reward.ta.net(prepare(videos))
-        targets = prompt_targets([p] * samples_per_prompt)
-        hits.append(recognised(logits, targets))
-        for k in TA_HEADS:
-            per[k].append(recognised(logits, targets, heads=(k,)))
-        for k, v in reward(videos, [p] * samples_per_prompt).items():
-            scores.setdefault(k, []).append(v)
-    out = {"recognition_rate": float(torch.cat(hits).float().mean()), "videos": len(prompts) * samples_per_prompt}
-    out.update({f"recognition_rate/{k}": float(torch.cat(v).float().mean()) for k, v in per.items()})
-    out.update({f"mean/{k}": float(torch.cat(v).mean()) for k, v in scores.items()})
-    return out
+        tally.add(gen.vae.decode(lat).float(), [p] * samples_per_prompt)
+    return tally.result()
+
+
+@torch.no_grad()
+def ground_truth_recognition(vae, reward, scenes: list) -> dict:
+    """recognition()'s numbers for the world's own videos of `scenes`, passed through the VAE (encode, then
+    decode) as every generated video is: the ceiling of the generator's rates, set by what the VAE keeps and
+    the TA model reads (through the VAE's 8x8-pixel cells a shape is hard to tell; a direction is not)."""
+    from . import world
+
+    tally = _Tally(reward)
+    for i in range(0, len(scenes), 16):
+        batch = scenes[i : i + 16]
+        tally.add(vae.decode(vae.encode(world.render_batch(batch))).float(), [s.prompt for s in batch])
+    return tally.result()
+
+
+def scenes_of_prompts(prompts: list[str], root: str | Path | None = None) -> list | None:
+    """The world scenes the weights' prompts.txt was written from (build: the recipe's prompts_seed and
+    num_prompts, one object each), for the first len(prompts) prompts; None when they do not match."""
+    from . import world
+
+    recipe = assets.read_manifest(root).get("recipe", {})
+    if "prompts_seed" not in recipe:
+        return None
+    scenes = world.scenes(recipe["prompts_seed"], len(prompts), two_objects=0.0)
+    return scenes if [s.prompt for s in scenes] == list(prompts) else None
 
 
 @torch.no_grad()
@@ -97,8 +140,9 @@ def spreads(gen, reward, prompts: list[str], *, group_size: int = 8, perturb_sca
 @torch.no_grad()
 def adapter_effect(trainer, prompts: list[str], samples_per_prompt: int = 2, sample_offset: int = 10_000) -> dict:
     """Mean toy_videoalign components of a trainer's model on fixed prompts and noises, with its adapters
-    disabled ('before': the base model) and enabled ('after'). Noise ids start at sample_offset (never a
-    training group's)."""
+    disabled ('before': the base model) and enabled ('after'). Prompt i gets noise ids sample_offset +
+    i * samples_per_prompt + j (never a training group's, never another prompt's: see
+    reproduce.eval_noise_ids)."""
     from .. import adapters
     from ..rewards.toy import ToyVideoAlign
 
@@ -108,9 +152,9 @@ def adapter_effect(trainer, prompts: list[str], samples_per_prompt: int = 2, sam
         ctx = adapters.adapters_disabled(trainer.model) if tag == "before" else contextlib.nullcontext()
         scores: dict[str, list[torch.Tensor]] = {}
         with ctx:
-            for p in prompts:
+            for i, p in enumerate(prompts):
                 cross = trainer.cross_for(p)
-                ids = list(range(sample_offset, sample_offset + samples_per_prompt))
+                ids = [sample_offset + i * samples_per_prompt + j for j in range(samples_per_prompt)]
                 lat = trainer.sampler.generate(cross.select(torch.zeros(len(ids), dtype=torch.int64)), num_chunks=trainer.cfg.sampler.num_chunks,
                                                latent_hw=trainer.latent_hw, samples=ids)
                 for k, v in reward(trainer.vae.decode(lat).float(), [p] * len(ids)).items():
@@ -135,7 +179,10 @@ def main(argv: list[str]) -> int:
     gen = load_toy_generator(a.weights, checkpoint=a.checkpoint)
     reward = toy_rewards(a.weights)
     prompts = read_prompts(a.weights)[: a.prompts]
-    res = {"recognition": recognition(gen, reward, prompts, a.samples), "spreads": spreads(gen, reward, prompts, group_size=a.group_size)}
+    res = {"recognition": recognition(gen, reward, prompts, a.samples)}
+    scenes = scenes_of_prompts(prompts, a.weights)
+    res["ground_truth"] = ground_truth_recognition(gen.vae, reward, scenes) if scenes else None
+    res["spreads"] = spreads(gen, reward, prompts, group_size=a.group_size)
     res["seconds"] = {"wall": round(time.perf_counter() - t0, 1), "cpu": round(time.process_time() - c0, 1)}
     text = json.dumps(res, indent=1)
     print(text)
