@@ -104,6 +104,10 @@ def test_toy_rewards_prefer_the_world_truth(world_videos):
 # ground_truth; measured: colour, size, background 1.0, direction 0.94, shape 0.25, every attribute 0.25: the
 # VAE's 8x8-pixel cells keep no shape a TA model can read, so shape is at chance for any generator).
 GT_RATE_MIN = {"colour": 0.9, "size": 0.9, "background": 0.95, "direction": 0.8}
+# Pixel tracking (measure.pixel_motion, no reward model) of the same videos: the ground truth's object moves the
+# prompted way over chunk 0 in 1.0 of them at 0.96 pixels per frame; the base model's (16 prompts x 1) in
+# 0.31 (chance: the initial noise picks the direction), at 0.72 pixels per frame.
+GT_MOVES_MIN, GT_SPEED_RANGE, BASE_MOVES_MAX = 0.9, (0.6, 1.3), 0.6
 
 
 def test_ground_truth_through_the_vae_is_recognised(vae):
@@ -115,7 +119,24 @@ def test_ground_truth_through_the_vae_is_recognised(vae):
     res = ground_truth_recognition(vae, toy_rewards(), scenes)
     for head, low in GT_RATE_MIN.items():
         assert res[f"recognition_rate/{head}"] >= low, (head, res)
+    assert res["pixel/videos"] == 16 and res["pixel/moves_prompted_way"] >= GT_MOVES_MIN, res
+    assert GT_SPEED_RANGE[0] <= res["pixel/speed"] <= GT_SPEED_RANGE[1], res
     assert scenes_of_prompts(["a small red circle moving left over a black background"]) is None
+
+
+def test_pixel_motion_reads_speed_and_direction(world_videos):
+    from arcopo_fast.toy.measure import pixel_motion
+
+    scenes, videos = world_videos
+    moving = pixel_motion(videos, scenes)
+    assert moving["pixel/moves_prompted_way"] == 1.0 and moving["pixel/speed"] > 0.5 and moving["pixel/mass"] > 0
+    frozen = pixel_motion(videos[:, :1].expand_as(videos), scenes)  # frame 0 held: no motion at all
+    assert frozen["pixel/moves_prompted_way"] == 0.0 and frozen["pixel/speed"] < 1e-3
+    backwards = videos.clone()
+    backwards[:, :9] = videos[:, :9].flip(1)  # the first chunk played in reverse: every object moves the other way
+    assert pixel_motion(backwards, scenes)["pixel/moves_prompted_way"] == 0.0
+    with pytest.raises(ValueError, match="one scene per video"):
+        pixel_motion(videos, scenes[:2])
 
 
 @pytest.mark.slow
@@ -124,10 +145,14 @@ def test_base_model_samples_are_recognised_by_ta():
     background and colour in most samples, but every prompted attribute at once in few (room for RL)."""
     from arcopo_fast.toy.measure import load_toy_generator, read_prompts, recognition, toy_rewards
 
-    res = recognition(load_toy_generator(), toy_rewards(), read_prompts()[:16], samples_per_prompt=1)
+    from arcopo_fast.toy.measure import scenes_of_prompts
+
+    prompts = read_prompts()[:16]
+    res = recognition(load_toy_generator(), toy_rewards(), prompts, samples_per_prompt=1, scenes=scenes_of_prompts(prompts))
     assert res["recognition_rate/background"] >= BACKGROUND_RATE_MIN, res
     assert res["recognition_rate/colour"] >= COLOUR_RATE_MIN, res
     assert res["recognition_rate"] <= ALL_ATTRIBUTES_MAX, res
+    assert res["pixel/videos"] == 16 and res["pixel/moves_prompted_way"] <= BASE_MOVES_MAX, res  # direction: RL's room
 
 
 @pytest.mark.slow

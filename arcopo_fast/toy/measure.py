@@ -3,6 +3,7 @@
 - recognition: the fraction of base samples (one per prompt and seed) whose every prompted attribute is the
   TA model's top choice (arcopo_fast.rewards.toy.recognised), and the mean TA / VQ / MQ;
 - ground_truth: the same numbers for the world's own videos of those prompts through the VAE (the ceiling);
+- pixel/*: beside both, a reward-free reading of the videos (object mass, speed, moving the prompted way);
 - spreads: AR-CoPO groups exactly as the trainer rolls them out (rl/rollout.py: one pivot chunk's initial
   noise perturbed at s = 0.5, every other noise shared), scored by toy_videoalign: the mean within-group
   std of each reward against the std over prompts of the group means (AR-CoPO's premise: the first must be
@@ -46,16 +47,55 @@ def toy_rewards(root: str | Path | None = None):
     return ToyVideoAlign(ta=str(root / "reward_ta.safetensors"), vq=str(root / "reward_vq.safetensors"), mq=str(root / "reward_mq.safetensors"))
 
 
+def object_track(video: torch.Tensor, threshold: float = 0.3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A reward-free look at one video [F, 3, S, S] in [0, 1]: per frame, the object's pixel mass (the summed
+    L1 distance from the background colour of the pixels farther than `threshold` from it; background = the
+    clip's per-channel median) and its centroid x, y in pixels. Returns (mass [F], cx [F], cy [F])."""
+    bg = video.flatten(2).median(dim=2).values.median(dim=0).values.view(1, 3, 1, 1)
+    w = (video - bg).abs().sum(1)
+    w = torch.where(w > threshold, w, torch.zeros_like(w))
+    ax = torch.arange(video.shape[-1], dtype=video.dtype, device=video.device) + 0.5
+    m = w.sum((1, 2))
+    return m, (w.sum(1) * ax).sum(1) / m.clamp_min(1e-6), (w.sum(2) * ax).sum(1) / m.clamp_min(1e-6)
+
+
+def pixel_motion(videos: torch.Tensor, scenes: list, first_chunk_frames: int = 9) -> dict:
+    """Pixel statistics of videos [B, F, 3, S, S] of one-object scenes, beside the TA model's reading:
+    mean object mass, speed (centroid pixels per frame) and the fraction of videos whose object moves the
+    prompted way by more than one pixel over the first chunk (frames 0 .. first_chunk_frames - 1; the world
+    starts objects in the half they move away from, so no bounce happens that early)."""
+    from . import world
+
+    if len(videos) != len(scenes):
+        raise ValueError(f"need one scene per video, got {len(videos)} videos and {len(scenes)} scenes")
+    mass, speed, along = [], [], []
+    for v, s in zip(videos, scenes):
+        if len(s.objects) != 1:
+            continue
+        m, cx, cy = object_track(v.float())
+        dx, dy = world.DIRECTIONS[s.objects[0].direction]
+        last = first_chunk_frames - 1
+        mass.append(float(m.mean()))
+        speed.append(float(torch.stack([cx.diff(), cy.diff()]).norm(dim=0).mean()))
+        along.append(float((cx[last] - cx[0]) * dx + (cy[last] - cy[0]) * dy) > 1.0)
+    if not mass:
+        return {}
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"pixel/mass": mean(mass), "pixel/speed": mean(speed), "pixel/moves_prompted_way": mean(along), "pixel/videos": len(mass)}
+
+
 class _Tally:
-    """Recognition hits (every attribute, and each alone) and mean rewards, accumulated over batches of videos."""
+    """Recognition hits (every attribute, and each alone), mean rewards and (given the scenes) pixel motion,
+    accumulated over batches of videos."""
 
     def __init__(self, reward):
         from ..rewards.toy import TA_HEADS
 
         self.reward, self.heads = reward, TA_HEADS
         self.hits, self.per, self.scores = [], {k: [] for k in TA_HEADS}, {}
+        self.videos, self.scenes = [], []
 
-    def add(self, videos: torch.Tensor, prompts: list[str]) -> None:
+    def add(self, videos: torch.Tensor, prompts: list[str], scenes: list | None = None) -> None:
         from ..rewards.toy import prepare, prompt_targets, recognised
 
         logits = self.reward.ta.net(prepare(videos))
@@ -65,21 +105,29 @@ class _Tally:
             self.per[k].append(recognised(logits, targets, heads=(k,)))
         for k, v in self.reward(videos, prompts).items():
             self.scores.setdefault(k, []).append(v)
+        if scenes is not None:
+            self.videos.append(videos.clamp(0, 1).cpu())
+            self.scenes += scenes
 
     def result(self) -> dict:
         hits = torch.cat(self.hits)
         out = {"recognition_rate": float(hits.float().mean()), "videos": len(hits)}
         out.update({f"recognition_rate/{k}": float(torch.cat(v).float().mean()) for k, v in self.per.items()})
         out.update({f"mean/{k}": float(torch.cat(v).mean()) for k, v in self.scores.items()})
+        if self.scenes:
+            out.update(pixel_motion(torch.cat(self.videos), self.scenes))
         return out
 
 
 @torch.no_grad()
-def recognition(gen, reward, prompts: list[str], samples_per_prompt: int = 2, num_chunks: int = 3) -> dict:
+def recognition(gen, reward, prompts: list[str], samples_per_prompt: int = 2, num_chunks: int = 3, scenes: list | None = None) -> dict:
+    """scenes: the world scenes of the prompts (scenes_of_prompts), for the pixel statistics; None: none."""
+    if scenes is not None and len(scenes) != len(prompts):
+        raise ValueError(f"need one scene per prompt, got {len(prompts)} prompts and {len(scenes)} scenes")
     tally = _Tally(reward)
-    for p in prompts:
+    for i, p in enumerate(prompts):
         lat = gen.sampler.generate(gen.cross([p] * samples_per_prompt), num_chunks=num_chunks, latent_hw=(8, 8), samples=list(range(samples_per_prompt)))
-        tally.add(gen.vae.decode(lat).float(), [p] * samples_per_prompt)
+        tally.add(gen.vae.decode(lat).float(), [p] * samples_per_prompt, None if scenes is None else [scenes[i]] * samples_per_prompt)
     return tally.result()
 
 
@@ -93,7 +141,7 @@ def ground_truth_recognition(vae, reward, scenes: list) -> dict:
     tally = _Tally(reward)
     for i in range(0, len(scenes), 16):
         batch = scenes[i : i + 16]
-        tally.add(vae.decode(vae.encode(world.render_batch(batch))).float(), [s.prompt for s in batch])
+        tally.add(vae.decode(vae.encode(world.render_batch(batch))).float(), [s.prompt for s in batch], batch)
     return tally.result()
 
 
@@ -179,8 +227,8 @@ def main(argv: list[str]) -> int:
     gen = load_toy_generator(a.weights, checkpoint=a.checkpoint)
     reward = toy_rewards(a.weights)
     prompts = read_prompts(a.weights)[: a.prompts]
-    res = {"recognition": recognition(gen, reward, prompts, a.samples)}
     scenes = scenes_of_prompts(prompts, a.weights)
+    res = {"recognition": recognition(gen, reward, prompts, a.samples, scenes=scenes)}
     res["ground_truth"] = ground_truth_recognition(gen.vae, reward, scenes) if scenes else None
     res["spreads"] = spreads(gen, reward, prompts, group_size=a.group_size)
     res["seconds"] = {"wall": round(time.perf_counter() - t0, 1), "cpu": round(time.process_time() - c0, 1)}
