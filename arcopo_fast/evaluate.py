@@ -41,19 +41,23 @@ def evaluate(
     height: int,
     width: int,
     num_frames: int,
-    seeds: list[int],
+    seeds: list[int] | list[list[int]],
     video_dir: Path | None = None,
 ) -> dict:
     """Score one video per (prompt, seed) with the rewards; sizes in pixels (StreamingPipeline's rules).
-    The seeds of a prompt are generated as one batch."""
+    seeds: the noise ids of every prompt, or one list per prompt (each prompt its own noises). The seeds
+    of a prompt are generated as one batch."""
     from .rewards import CompositeReward
     from .video_io import write_mp4
 
+    per_prompt = [list(x) for x in seeds] if seeds and isinstance(seeds[0], (list, tuple)) else [list(seeds)] * len(prompts)
+    if len(per_prompt) != len(prompts) or not all(per_prompt):
+        raise ValueError(f"seeds: need noise ids for every prompt ({len(prompts)} prompts), got {seeds!r:.200}")
     reward = CompositeReward(reward_specs)
-    pipeline.check_inputs(list(prompts), height, width, num_frames, seeds=[seeds[0]] * len(prompts))
+    pipeline.check_inputs(list(prompts), height, width, num_frames, seeds=[ids[0] for ids in per_prompt])
     rows = []
     t0 = time.perf_counter()
-    for pi, prompt in enumerate(prompts):
+    for pi, (prompt, seeds) in enumerate(zip(prompts, per_prompt)):
         video = pipeline([prompt] * len(seeds), height=height, width=width, num_frames=num_frames, seeds=seeds).frames
         total, comps = reward(video.float(), [prompt] * len(seeds))
         for i, seed in enumerate(seeds):

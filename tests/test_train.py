@@ -197,6 +197,16 @@ def test_ctrl_c_writes_a_checkpoint_then_resume_continues(tmp_path):
     assert '"interrupted": true' in stdout
 
 
+def test_evaluate_wants_noise_ids_for_every_prompt():
+    from arcopo_fast.evaluate import evaluate
+
+    kw = dict(pipeline=None, reward_specs=[], height=64, width=64, num_frames=9)
+    with pytest.raises(ValueError, match="seeds: need noise ids for every prompt"):
+        evaluate(prompts=["a", "b"], seeds=[[1, 2]], **kw)  # per-prompt lists: one list per prompt
+    with pytest.raises(ValueError, match="seeds: need noise ids for every prompt"):
+        evaluate(prompts=["a"], seeds=[], **kw)
+
+
 def test_sample_and_evaluate_clis(tmp_path):
     from arcopo_fast.evaluate import main as eval_main
     from arcopo_fast.sample import main as sample_main

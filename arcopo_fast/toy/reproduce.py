@@ -208,17 +208,14 @@ def _task_eval(plan: Plan, checkpoint: str, adapter: str | None, base_overrides:
         )
         pipe.set_progress_bar_config(disable=True)
         prompts = PromptSet(cfg.data.prompts, cfg.run.seed).prompts[: plan.eval_prompts]
-        rows = []
-        for i, prompt in enumerate(prompts):
-            rows += evaluate(
-                pipeline=pipe, prompts=[prompt], reward_specs=[dataclasses.asdict(e) for e in cfg.reward.rewards],
-                height=8 * s.latent_height, width=8 * s.latent_width,  # the VAE's 8x spatial factor
-                num_frames=latent_frames_to_video_frames(s.num_chunks * pipe.model.cfg.chunk_frames),
-                seeds=eval_noise_ids(i, plan.eval_seeds),
-            )["rows"]
-        keys = [k for k in rows[0] if k not in ("prompt", "seed")]
-        means = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
-        return {"rows": rows, "means": means, "num_videos": len(rows), "seconds": time.perf_counter() - t0}
+        res = evaluate(
+            pipeline=pipe, prompts=prompts, reward_specs=[dataclasses.asdict(e) for e in cfg.reward.rewards],
+            height=8 * s.latent_height, width=8 * s.latent_width,  # the VAE's 8x spatial factor
+            num_frames=latent_frames_to_video_frames(s.num_chunks * pipe.model.cfg.chunk_frames),
+            seeds=[eval_noise_ids(i, plan.eval_seeds) for i in range(len(prompts))],
+        )
+        res["seconds"] = time.perf_counter() - t0
+        return res
 
 
 def _write_base(plan: Plan, work: Path) -> str:
