@@ -47,6 +47,9 @@ def toy_rewards(root: str | Path | None = None):
     return ToyVideoAlign(ta=str(root / "reward_ta.safetensors"), vq=str(root / "reward_vq.safetensors"), mq=str(root / "reward_mq.safetensors"))
 
 
+FIRST_CHUNK_FRAMES = 9  # video frames of chunk 0: 3 latent frames through the 4x temporal VAE, the first alone
+
+
 def object_track(video: torch.Tensor, threshold: float = 0.3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A reward-free look at one video [F, 3, S, S] in [0, 1]: per frame, the object's pixel mass (the summed
     L1 distance from the background colour of the pixels farther than `threshold` from it; background = the
@@ -59,29 +62,38 @@ def object_track(video: torch.Tensor, threshold: float = 0.3) -> tuple[torch.Ten
     return m, (w.sum(1) * ax).sum(1) / m.clamp_min(1e-6), (w.sum(2) * ax).sum(1) / m.clamp_min(1e-6)
 
 
-def pixel_motion(videos: torch.Tensor, scenes: list, first_chunk_frames: int = 9) -> dict:
-    """Pixel statistics of videos [B, F, 3, S, S] of one-object scenes, beside the TA model's reading:
-    mean object mass, speed (centroid pixels per frame) and the fraction of videos whose object moves the
-    prompted way by more than one pixel over the first chunk (frames 0 .. first_chunk_frames - 1; the world
-    starts objects in the half they move away from, so no bounce happens that early)."""
+def _pixel_rows(videos: torch.Tensor, scenes: list, first_chunk_frames: int) -> list[tuple[float, float, bool]]:
+    """(mass, speed, moves the prompted way) of each one-object video (see pixel_motion)."""
     from . import world
 
     if len(videos) != len(scenes):
         raise ValueError(f"need one scene per video, got {len(videos)} videos and {len(scenes)} scenes")
-    mass, speed, along = [], [], []
+    last = first_chunk_frames - 1
+    rows = []
     for v, s in zip(videos, scenes):
         if len(s.objects) != 1:
             continue
         m, cx, cy = object_track(v.float())
         dx, dy = world.DIRECTIONS[s.objects[0].direction]
-        last = first_chunk_frames - 1
-        mass.append(float(m.mean()))
-        speed.append(float(torch.stack([cx.diff(), cy.diff()]).norm(dim=0).mean()))
-        along.append(float((cx[last] - cx[0]) * dx + (cy[last] - cy[0]) * dy) > 1.0)
-    if not mass:
+        speed = float(torch.stack([cx.diff(), cy.diff()]).norm(dim=0).mean())
+        rows.append((float(m.mean()), speed, float((cx[last] - cx[0]) * dx + (cy[last] - cy[0]) * dy) > 1.0))
+    return rows
+
+
+def _pixel_summary(rows: list[tuple[float, float, bool]]) -> dict:
+    if not rows:
         return {}
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return {"pixel/mass": mean(mass), "pixel/speed": mean(speed), "pixel/moves_prompted_way": mean(along), "pixel/videos": len(mass)}
+    n = len(rows)
+    mass, speed, along = (sum(col) / n for col in zip(*rows))
+    return {"pixel/mass": mass, "pixel/speed": speed, "pixel/moves_prompted_way": along, "pixel/videos": n}
+
+
+def pixel_motion(videos: torch.Tensor, scenes: list, first_chunk_frames: int = FIRST_CHUNK_FRAMES) -> dict:
+    """Pixel statistics of videos [B, F, 3, S, S] of one-object scenes, beside the TA model's reading:
+    mean object mass, speed (centroid pixels per frame) and the fraction of videos whose object moves the
+    prompted way by more than one pixel over the first chunk (frames 0 .. first_chunk_frames - 1; the world
+    starts objects in the half they move away from, so no bounce happens that early)."""
+    return _pixel_summary(_pixel_rows(videos, scenes, first_chunk_frames))
 
 
 class _Tally:
@@ -93,7 +105,7 @@ class _Tally:
 
         self.reward, self.heads = reward, TA_HEADS
         self.hits, self.per, self.scores = [], {k: [] for k in TA_HEADS}, {}
-        self.videos, self.scenes = [], []
+        self.pixels: list[tuple[float, float, bool]] = []
 
     def add(self, videos: torch.Tensor, prompts: list[str], scenes: list | None = None) -> None:
         from ..rewards.toy import prepare, prompt_targets, recognised
@@ -106,16 +118,14 @@ class _Tally:
         for k, v in self.reward(videos, prompts).items():
             self.scores.setdefault(k, []).append(v)
         if scenes is not None:
-            self.videos.append(videos.clamp(0, 1).cpu())
-            self.scenes += scenes
+            self.pixels += _pixel_rows(videos.clamp(0, 1).cpu(), scenes, FIRST_CHUNK_FRAMES)
 
     def result(self) -> dict:
         hits = torch.cat(self.hits)
         out = {"recognition_rate": float(hits.float().mean()), "videos": len(hits)}
         out.update({f"recognition_rate/{k}": float(torch.cat(v).float().mean()) for k, v in self.per.items()})
         out.update({f"mean/{k}": float(torch.cat(v).mean()) for k, v in self.scores.items()})
-        if self.scenes:
-            out.update(pixel_motion(torch.cat(self.videos), self.scenes))
+        out.update(_pixel_summary(self.pixels))
         return out
 
 
