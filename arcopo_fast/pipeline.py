@@ -229,7 +229,7 @@ class StreamingPipeline:
 
     @classmethod
     def _assemble(cls, model, text_encoder, vae, device, dtype, *, compile=None, schedule=None, noise_seed=0,
-                  vae_dtype=None, embed_cache_dir=None, vae_memory_format="contiguous", vae_compile=False):
+                  vae_dtype=None, embed_cache_dir=None, vae_memory_format="auto", vae_compile=False):
         from .model.text_encoder import TextEncoder
         from .model.vae import WanVAE
 
@@ -474,7 +474,7 @@ def load_generator(
     ema: bool | None = None,
     assets_dir: str | None = None,
     embed_cache_dir: str | None = None,
-    vae_memory_format: str = "contiguous",
+    vae_memory_format: str = "auto",
     vae_compile: bool | str = False,
     compile: str | None = None,
     allow_random_init: bool = False,

@@ -74,13 +74,13 @@ def build_pipeline(args, *, model_seed: int = 0):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     schedule = FewStepSchedule(shift=args.shift)
     ema = not args.no_ema
-    vae_opts = dict(memory_format=getattr(args, "vae_memory_format", "contiguous"), compile=getattr(args, "vae_compile", None) or False)
+    vae_opts = dict(memory_format=getattr(args, "vae_memory_format", "auto"), compile=getattr(args, "vae_compile", None) or False)
     compile = getattr(args, "compile", None)
     if args.model:
         pipe = StreamingPipeline.from_pretrained(args.model, checkpoint=args.checkpoint, device=dev, dtype=dtype,
                                                  compile=compile, text_encoder=args.text_encoder, vae=args.vae,
                                                  ema=ema, schedule=schedule)
-        if vae_opts != dict(memory_format="contiguous", compile=False):
+        if vae_opts != dict(memory_format="auto", compile=False):
             pipe.vae = WanVAE(pipe.vae.vae, device=pipe.vae.device, dtype=pipe.vae.dtype, **vae_opts)
         for i, spec in enumerate(args.adapter):
             path, scale = parse_adapter(spec)
@@ -137,8 +137,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fps", type=float, default=16.0)
     ap.add_argument("--compile", choices=[m for m in COMPILE_MODES if m], help="torch.compile mode of the DiT "
                     "forward ('reduce-overhead' adds CUDA graphs); the first video pays the compilation")
-    ap.add_argument("--vae-memory-format", default="contiguous", choices=list(MEMORY_FORMATS),
-                    help="VAE decoder layout (channels_last_3d: cuDNN's NDHWC convolutions)")
+    ap.add_argument("--vae-memory-format", default="auto", choices=list(MEMORY_FORMATS),
+                    help="VAE decoder layout (channels_last_3d: cuDNN's NDHWC convolutions; auto: "
+                    "channels_last_3d on CPU, contiguous on a GPU)")
     ap.add_argument("--vae-compile", default=None, choices=[m for m in VAE_COMPILE_MODES if isinstance(m, str)],
                     help="torch.compile the VAE decoder's per-frame step with this mode")
     ap.add_argument("--profile", metavar="DIR", help="write a torch profiler trace of the generation into DIR")

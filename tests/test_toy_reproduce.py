@@ -8,7 +8,7 @@ import json
 import pytest
 
 from arcopo_fast.toy import reproduce
-from arcopo_fast.toy.reproduce import POLICIES, judge, paired
+from arcopo_fast.toy.reproduce import POLICIES, combine, judge, judge_all, paired, pooled
 
 KEYS = ("total", "r/TA", "r/VQ", "r/MQ")
 
@@ -102,27 +102,85 @@ def test_changes_below_the_reward_resolution_are_not_moves():
     assert "ta-only r/MQ" not in claims["d"]["moved"] and "ta-only r/TA" in claims["d"]["moved"]
 
 
+PAPER = {
+    "ar-copo": {"total": 0.3, "r/TA": 0.1},
+    "sde-grpo": {"total": 0.05},
+    "ta-only": {"r/TA": 0.2, "r/MQ": -0.1, "total": 0.1},
+    "semi": {"total": 0.1},
+    "semi-unclipped": {"r/VQ": -0.2, "r/MQ": -0.1, "total": -0.3},
+    "merged": {"total": 0.35, "r/TA": 0.1},
+}
+OPPOSITE = {
+    "ar-copo": {"total": -0.2},
+    "sde-grpo": {"total": 0.3},
+    "ta-only": {"r/TA": -0.1, "r/VQ": 0.1, "r/MQ": 0.1},
+    "semi": {"r/VQ": -0.3, "total": -0.3},
+    "semi-unclipped": {"r/VQ": 0.2, "r/MQ": 0.1},
+    "merged": {"total": -0.4, "r/VQ": -0.5},
+}
+
+
+def _replicated(*shifts) -> dict:
+    """A multi-replicate raw result (run_all's layout): one shared base evaluation, one replicate per shift."""
+    views = [_raw(sh, spreads=(0.02, 0.005) if sh is PAPER else (0.005, 0.02)) for sh in shifts]
+    return {"plan": views[0]["plan"], "eval_base": views[0]["eval"]["base"],
+            "replicates": [{"seed": i, "eval": {k: v for k, v in view["eval"].items() if k != "base"},
+                            "curves": view["curves"], "buffer_rewards": []} for i, view in enumerate(views)]}
+
+
+def test_replicates_combine_into_one_verdict_per_claim():
+    assert combine(["reproduced", "reproduced"]) == "reproduced"
+    assert combine(["not", "not", "not"]) == "not"
+    assert combine(["reproduced", "not"]) == combine(["partly", "partly"]) == combine(["not", "partly"]) == "partly"
+    same = judge_all(_replicated(PAPER, PAPER))
+    assert [c["verdict"] for c in same] == ["reproduced"] * 5
+    assert [[r["seed"] for r in c["replicates"]] for c in same] == [[0, 1]] * 5
+    mixed = judge_all(_replicated(PAPER, OPPOSITE))
+    assert [c["verdict"] for c in mixed] == ["partly"] * 5
+    assert [[r["verdict"] for r in c["replicates"]] for c in mixed] == [["reproduced", "not"]] * 5
+    assert [c["verdict"] for c in judge_all(_replicated(OPPOSITE, OPPOSITE))] == ["not"] * 5
+
+
+def test_pooled_change_averages_replicates_per_prompt_before_the_se():
+    raw = _replicated(PAPER, OPPOSITE)
+    p = pooled(raw, "ar-copo", "total")  # +0.3 and -0.2 on every prompt, plus the tiny paired noise
+    assert p["n"] == 6 and p["diff"] == pytest.approx(0.05, abs=2e-3) and p["se"] < 1e-3
+    one = [paired({"base": raw["eval_base"], "x": rep["eval"]["ar-copo"]}, "base", "x", "total")["diff"] for rep in raw["replicates"]]
+    assert p["diff"] == pytest.approx(sum(one) / 2)
+    q = pooled(raw, "semi-unclipped", "quality")  # quality = VQ + MQ of the plan's quality keys
+    assert q["diff"] == pytest.approx((-0.3 + 0.3) / 2, abs=2e-3)
+    raw["replicates"][1]["eval"]["ar-copo"]["rows"][0]["seed"] = 7
+    with pytest.raises(ValueError, match="seed 1.*base's videos"):
+        pooled(raw, "ar-copo", "total")
+
+
 @pytest.mark.slow
 def test_reproduce_command_writes_report_plot_and_numbers_at_the_tiniest_settings(tmp_path):
     out, work = tmp_path / "docs", tmp_path / "work"
-    argv = ["--plan", "tiny", "--out", str(out), "--work", str(work), "--jobs", "1", "--iterations", "1",
+    argv = ["--plan", "tiny", "--out", str(out), "--work", str(work), "--jobs", "1", "--iterations", "1", "--replicates", "2",
             "--semi-iterations", "1", "--buffer-groups", "1", "--eval-prompts", "2", "--eval-seeds", "1", "model.embed_cache_dir=null"]
     assert reproduce.main(argv) == 0
     data = json.loads((out / "toy_reproduction.json").read_text())
     assert [c["id"] for c in data["claims"]] == list("abcde")
     assert all(c["verdict"] in ("reproduced", "partly", "not") for c in data["claims"])
-    assert set(data["eval"]) == set(POLICIES) and all(r["num_videos"] == 2 for r in data["eval"].values())
-    assert len({r["seed"] for r in data["eval"]["base"]["rows"]}) == 2  # each prompt its own noise
-    assert all(len(rows) == 1 for rows in data["curves"].values())
-    sde = data["curves"]["sde-grpo"][0]
-    assert sde["update/ratio_max_dev/epoch0"] < 1e-4  # the SDE-GRPO run went through the shared update
+    assert all([r["seed"] for r in c["replicates"]] == [0, 1] for c in data["claims"])
+    assert [rep["seed"] for rep in data["replicates"]] == [0, 1]
+    assert data["eval_base"]["num_videos"] == 2 and len({r["seed"] for r in data["eval_base"]["rows"]}) == 2  # own noises
+    for rep in data["replicates"]:
+        assert set(rep["eval"]) == set(POLICIES[1:]) and all(r["num_videos"] == 2 for r in rep["eval"].values())
+        assert all(len(rows) == 1 for rows in rep["curves"].values())
+        assert rep["curves"]["sde-grpo"][0]["update/ratio_max_dev/epoch0"] < 1e-4  # went through the shared update
+        # the merged weights differ from the base (W0 + dW_semi + s dW_on), and so do their eval numbers
+        assert (work / f"seed{rep['seed']}" / "merged.safetensors").is_file()
+        assert rep["eval"]["merged"]["means"] != data["eval_base"]["means"]
+    # the replicates are different training runs: their groups (prompts, noises) and adapters differ
+    a, b = (rep["curves"]["ar-copo"][0]["reward/mean"] for rep in data["replicates"])
+    assert a != b
     md = (out / "toy_reproduction.md").read_text()
     for c in data["claims"]:
         assert f"**{c['verdict']}**" in md
+    assert "| ar-copo | pooled |" in md
     assert (out / "toy_reproduction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the merged weights differ from the base (W0 + dW_semi + s dW_on), and merged eval numbers differ too
-    assert (work / "merged.safetensors").is_file()
-    assert data["eval"]["merged"]["means"] != data["eval"]["base"]["means"]
     # a second invocation clears its own work folder; a foreign non-empty folder is refused
     foreign = tmp_path / "mine"
     foreign.mkdir()

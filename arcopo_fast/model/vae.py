@@ -33,10 +33,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["COMPILE_MODES", "MEMORY_FORMATS", "StreamDecoder", "WanVAE", "check_vae_options", "valid_compile"]
+__all__ = ["COMPILE_MODES", "MEMORY_FORMATS", "StreamDecoder", "WanVAE", "check_vae_options", "resolve_memory_format",
+           "valid_compile"]
 
-MEMORY_FORMATS = ("contiguous", "channels_last_3d")
-"""WanVAE(memory_format=...): the layout of the decoder's conv weights, activations and caches."""
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last_3d")
+"""WanVAE(memory_format=...): the layout of the decoder's conv weights, activations and caches. "auto" is
+resolve_memory_format's choice for the device."""
 COMPILE_MODES = (False, True, "default", "max-autotune-no-cudagraphs")
 """WanVAE(compile=...): False, True (= "default") or a torch.compile mode. The CUDA-graph modes
 ("reduce-overhead", "max-autotune") are refused: one step runs for tens of ms at 480p, so launch overhead is
@@ -61,6 +63,19 @@ def check_vae_options(memory_format: str, compile: bool | str, compile_backend=N
         )
 
 
+def resolve_memory_format(memory_format: str, device: torch.device | str) -> str:
+    """"auto" -> "channels_last_3d" on CPU, "contiguous" elsewhere; any other value is returned as it is.
+
+    Why on CPU: diffusers' decoder normalises over the channel dim, which in NCDHW is the strided one, and
+    the CPU reduction over it cost 59% of a toy-VAE decode. Measured on 2 cores (fp32, frames equal within
+    3.3e-6): toy VAE (base_dim 8, 8 videos x 33 frames at 64x64) 0.87 -> 0.28 s; base_dim 32, 2 x 17 at 128x128
+    2.20 -> 1.04 s; base_dim 96, 1 x 17 at 64x64 1.96 -> 1.92 s. On a GPU the variants are not measured yet
+    (benchmarks/bench_decode.py), so "auto" keeps diffusers' own path there."""
+    if memory_format != "auto":
+        return memory_format
+    return "channels_last_3d" if torch.device(device).type == "cpu" else "contiguous"
+
+
 def _check_latents(z: torch.Tensor, z_dim: int) -> None:
     if z.ndim != 5 or z.shape[2] != z_dim:
         raise ValueError(f"latents must be [B, F, {z_dim}, h, w], got {tuple(z.shape)}")
@@ -73,11 +88,12 @@ class WanVAE:
     stream(batch) -> a StreamDecoder for chunk-by-chunk decoding. Computation runs in `dtype` (bf16 is
     fine on GPU); outputs are float32.
 
-    Decoder speed options (the defaults are diffusers' own path; any other value switches decoding, whole
-    and streamed, to the fixed-shape per-frame step described in the module docstring; frames equal the
-    plain path's up to float rounding; encoding is unchanged):
-      memory_format: "contiguous" or "channels_last_3d" (NDHWC: the decoder's Conv3d weights are converted
-        in place, and activations and caches are kept in that layout).
+    Decoder speed options ("contiguous" without compile is diffusers' own path; any other value switches
+    decoding, whole and streamed, to the fixed-shape per-frame step described in the module docstring;
+    frames equal the plain path's up to float rounding; encoding is unchanged):
+      memory_format: "auto" (default: channels_last_3d on CPU, contiguous on a GPU; resolve_memory_format),
+        "contiguous" or "channels_last_3d" (NDHWC: the decoder's Conv3d weights are converted in place, and
+        activations and caches are kept in that layout).
       compile: False, True / "default", or "max-autotune-no-cudagraphs": torch.compile the per-frame step
         (fullgraph, dynamic=False). The first decode of a new video size compiles (a minute or more at 480p
         on a GPU); a new batch size or frame size compiles again.
@@ -91,11 +107,12 @@ class WanVAE:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-        memory_format: str = "contiguous",
+        memory_format: str = "auto",
         compile: bool | str = False,
         compile_backend: str | Callable = "inductor",
     ):
         check_vae_options(memory_format, compile, compile_backend)
+        auto, memory_format = memory_format == "auto", resolve_memory_format(memory_format, device)
         from diffusers import AutoencoderKLWan
 
         if isinstance(source, (str, Path)):
@@ -128,11 +145,19 @@ class WanVAE:
         self.memory_format, self.compile = memory_format, compile
         self._step = self._step_compiled = None
         if memory_format != "contiguous" or compile is not False:
-            self._use_step(memory_format, compile, compile_backend)
+            try:
+                self._use_step(memory_format, compile, compile_backend)
+            except ValueError:
+                if not auto or compile is not False:
+                    raise
+                # "auto" on a VAE the fixed-shape step does not support (Wan2.2's): diffusers' own path
+                self.vae.decoder.to(memory_format=torch.contiguous_format)
+                self.memory_format, self._step, self._step_compiled = "contiguous", None, None
 
     def _use_step(self, memory_format: str, compile: bool | str, compile_backend: str | Callable = "inductor"):
         """Decode with the per-frame step (the benchmark also calls it for the eager contiguous step)."""
         check_vae_options(memory_format, compile, compile_backend)
+        memory_format = resolve_memory_format(memory_format, self.device)
         self.memory_format, self.compile = memory_format, compile
         self._step = _DecoderStep(self.vae, memory_format)
         self._step_compiled = self._step

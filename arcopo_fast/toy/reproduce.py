@@ -17,8 +17,11 @@ the fixed reference policy, so the ratio drifts ever further from 1 and only cli
 In on-policy training the first epoch of every iteration is at ratio 1, where clipping does nothing.
 
 Every comparison is paired: each policy is scored on the same (prompt, noise id) videos, and a difference
-is called significant when its mean exceeds twice its standard error over those pairs. The verdict rules
-are fixed in `judge` below and printed in the report next to the numbers.
+is called significant when its mean exceeds twice its standard error over prompts. That SE covers the
+evaluation's noises, not the training run, so the plan trains every policy `replicates` times (run.seed =
+seed, seed + 1, ...), judges each replicate on its own and calls a claim reproduced only when every
+replicate reproduces it (`judge_all`). The verdict rules are fixed in `judge` below and printed in the
+report next to the numbers.
 
 The harness is parametrised by a Plan (config preset, train overrides, which reward components play TA /
 VQ / MQ, budgets): `--plan toy` is the toy world's (arcopo_fast.toy), `--plan tiny` runs the same plumbing on
@@ -83,6 +86,12 @@ class Plan:
     """A change counts (rises / falls) only when it exceeds 2 SE AND this size: the rewards' resolution,
     so that a shift of 1e-4 in a saturated score is not called a fall however small its SE."""
     seed: int = 0
+    """The evaluation's noise plan, and the first replicate's training seed."""
+    replicates: int = 1
+    """Training replicates: replicate r trains every policy with run.seed = seed + r (its own buffer, prompt
+    order, pivots, noises and adapter init). Every replicate's policies are scored on the same videos. A
+    paired SE covers the evaluation's noises only, not the training run: one replicate's verdict can flip
+    with another's, so a claim is called reproduced only when every replicate reproduces it."""
 
 
 def tiny_plan() -> Plan:
@@ -124,17 +133,19 @@ def toy_plan() -> Plan:
         ta_key="toy_videoalign/TA",
         quality_keys=("toy_videoalign/VQ", "toy_videoalign/MQ"),
         ta_only_rewards=[{"name": "toy_videoalign", "components": {"TA": 1.0}}],
-        # On the 64-wide base model at lr 5e-5, 60 iterations (the default run's) moved the evaluation by less
-        # than 2 SE (+0.005 +- 0.011), 200 by +0.071 +- 0.025; unclipped semi-on-policy drifted slowly: quality
-        # -0.004 +- 0.027 after 100 iterations (the paper's count), -0.27 +- 0.03 after 300. On the 96-wide
-        # model, 200 iterations at 5e-5: AR-CoPO +0.030 +- 0.018, TA alone MQ -0.024 +- 0.027; at 1e-4 (the
-        # default run's lr now) +0.048 +- 0.028 and -0.090 +- 0.031.
+        # On the 64-wide base model at lr 5e-5, 60 iterations moved the evaluation by less than 2 SE (+0.005 +-
+        # 0.011), 200 by +0.071 +- 0.025; unclipped semi-on-policy drifted slowly: quality -0.004 +- 0.027 after
+        # 100 iterations (the paper's count), -0.27 +- 0.03 after 300. The on-policy runs are the default run's
+        # config (200 iterations at lr 1e-4). 12.9 minutes for the 2 replicates on 2 cores (the VAE's NDHWC
+        # decode on CPU halved a run: 356 -> 180 s).
         iterations=200,
         semi_iterations=300,  # a semi iteration neither rolls out nor scores: cheap
         buffer_groups=32,
         eval_prompts=32,
         eval_seeds=6,  # 192 paired videos, ~1 minute more than 3 (see eval_noise_ids for why each prompt has its own)
         min_effect=0.01,  # the toy rewards are probabilities: one percentage point
+        # one replicate's verdicts a, c, e flipped with another's (seed 0 vs seed 1 of the previous version)
+        replicates=2,
     )
 
 
@@ -166,21 +177,21 @@ def _task_setup(seed: int):
         torch.set_num_threads(threads)
 
 
-def _task_train(plan: Plan, run_dir: str, overrides: list[str]) -> dict[str, Any]:
+def _task_train(plan: Plan, seed: int, run_dir: str, overrides: list[str]) -> dict[str, Any]:
     from ..trainer import Trainer
 
-    with _task_setup(plan.seed):
+    with _task_setup(seed):
         t0 = time.perf_counter()
         cfg = _cfg(plan, [*overrides, f"run.out_dir={run_dir}"])
         summary = Trainer(cfg).run()
         return {"summary": summary, "seconds": time.perf_counter() - t0}
 
 
-def _task_collect(plan: Plan, root: str, overrides: list[str]) -> dict[str, Any]:
+def _task_collect(plan: Plan, seed: int, root: str, overrides: list[str]) -> dict[str, Any]:
     """The replay buffer, rolled out by the reference weights (as `python -m arcopo_fast.collect` does)."""
     from ..trainer import Trainer
 
-    with _task_setup(plan.seed):
+    with _task_setup(seed):
         t0 = time.perf_counter()
         cfg = _cfg(plan, [*overrides, f"run.out_dir={Path(root) / 'collect_run'}", "run.mode=on-policy"])
         trainer = Trainer(cfg)
@@ -273,70 +284,106 @@ class _Pool:
             self.ex.shutdown(wait=True, cancel_futures=cancel)
 
 
+RUNS = ("ar-copo", "sde-grpo", "ta-only", "semi", "semi-unclipped")
+
+
+def replicate_seeds(plan: Plan) -> list[int]:
+    return [plan.seed + r for r in range(plan.replicates)]
+
+
 def run_all(plan: Plan, work: Path, jobs: int = 2, log=print) -> dict[str, Any]:
-    """Train, collect, merge and evaluate everything; returns the raw results (no verdicts)."""
+    """Train, collect, merge and evaluate everything; returns the raw results (no verdicts).
+
+    work/seed<s>/ holds replicate s's runs, buffer and merged weights; raw["replicates"][r] its evaluation
+    (every policy but base, whose evaluation raw["eval_base"] all replicates share), curves and buffer."""
     import torch
 
     _fresh_work_dir(work)
     t_start = time.perf_counter()
     load_start = _loadavg()
     base = _write_base(plan, work)
-    common = [f"model.checkpoint={base}", f"run.seed={plan.seed}", "run.progress=false", "run.sample_videos=false",
-              "run.device=cpu"]
+    flags = ["run.progress=false", "run.sample_videos=false", "run.device=cpu"]
+    eval_common = [f"model.checkpoint={base}", f"run.seed={plan.seed}", *flags]  # one noise plan for every policy
     it, semi_it = plan.iterations, plan.semi_iterations
-    buffer = work / "buffer"
     on = ["run.mode=on-policy", f"run.iterations={it}", f"run.checkpoint_every={max(it, 1)}"]
-    semi = ["run.mode=semi-on-policy", f"replay.buffer={buffer}", f"replay.buffer_groups={plan.buffer_groups}",
-            f"run.iterations={semi_it}", f"run.checkpoint_every={max(semi_it, 1)}"]
-    runs = {
-        "ar-copo": [*common, *on],
-        "sde-grpo": [*common, *on, "run.algorithm=sde-grpo"],
-        "ta-only": [*common, *on, f"reward.rewards={json.dumps(plan.ta_only_rewards)}"],
-        "semi": [*common, *semi],
-        "semi-unclipped": [*common, *semi, "algo.clip_eps=.inf", "algo.allow_unclipped=true"],
-    }
-    for ov in runs.values():  # fail on a bad plan before any work
-        _cfg(plan, ov)
+    seeds = replicate_seeds(plan)
+    runs: dict[int, dict[str, list[str]]] = {}
+    for seed in seeds:
+        common = [f"model.checkpoint={base}", f"run.seed={seed}", *flags]
+        semi = ["run.mode=semi-on-policy", f"replay.buffer={work / f'seed{seed}' / 'buffer'}",
+                f"replay.buffer_groups={plan.buffer_groups}", f"run.iterations={semi_it}",
+                f"run.checkpoint_every={max(semi_it, 1)}"]
+        runs[seed] = {
+            "ar-copo": [*common, *on],
+            "sde-grpo": [*common, *on, "run.algorithm=sde-grpo"],
+            "ta-only": [*common, *on, f"reward.rewards={json.dumps(plan.ta_only_rewards)}"],
+            "semi": [*common, *semi],
+            "semi-unclipped": [*common, *semi, "algo.clip_eps=.inf", "algo.allow_unclipped=true"],
+            "_collect": [*common, *semi],
+        }
+        for ov in runs[seed].values():  # fail on a bad plan before any work
+            _cfg(plan, ov)
     pool = _Pool(jobs)
     seconds: dict[str, float] = {}
+    tag = (lambda name, seed: name) if len(seeds) == 1 else (lambda name, seed: f"{name}@{seed}")
     try:
-        collect = pool.submit(_task_collect, plan, str(buffer), [*common, *semi])
-        base_eval = pool.submit(_task_eval, plan, base, None, common)
-        futs = {name: pool.submit(_task_train, plan, str(work / name), runs[name]) for name in ("ar-copo", "sde-grpo", "ta-only")}
-        seconds["collect"] = collect.result()["seconds"]
-        log(f"[reproduce] buffer of {plan.buffer_groups} groups collected ({seconds['collect']:.0f} s)")
-        futs.update({name: pool.submit(_task_train, plan, str(work / name), runs[name]) for name in ("semi", "semi-unclipped")})
-        evals = {"base": base_eval}
-        for name in runs:
-            seconds[f"train/{name}"] = futs[name].result()["seconds"]
-            log(f"[reproduce] {name}: trained ({seconds[f'train/{name}']:.0f} s)")
-            from ..merge import adapter_dir
+        from ..merge import adapter_dir, merge
 
-            evals[name] = pool.submit(_task_eval, plan, base, str(adapter_dir(str(work / name))), common)
-        from ..merge import merge
-
-        merged = merge(base, semi=str(work / "semi"), on=str(work / "ar-copo"), scale=plan.merge_scale, out=str(work / "merged.safetensors"))
-        evals["merged"] = pool.submit(_task_eval, plan, str(merged), None, common)
-        results = {}
-        for name in POLICIES:
-            results[name] = evals[name].result()
-            seconds[f"eval/{name}"] = results[name].pop("seconds")
+        collects = {seed: pool.submit(_task_collect, plan, seed, str(work / f"seed{seed}" / "buffer"), runs[seed]["_collect"])
+                    for seed in seeds}
+        base_eval = pool.submit(_task_eval, plan, base, None, eval_common)
+        futs = {(seed, name): pool.submit(_task_train, plan, seed, str(work / f"seed{seed}" / name), runs[seed][name])
+                for seed in seeds for name in ("ar-copo", "sde-grpo", "ta-only")}
+        for seed in seeds:
+            seconds[tag("collect", seed)] = collects[seed].result()["seconds"]
+            log(f"[reproduce] seed {seed}: buffer of {plan.buffer_groups} groups collected ({seconds[tag('collect', seed)]:.0f} s)")
+            futs.update({(seed, name): pool.submit(_task_train, plan, seed, str(work / f"seed{seed}" / name), runs[seed][name])
+                         for name in ("semi", "semi-unclipped")})
+        evals = {}
+        for seed in seeds:
+            for name in RUNS:
+                seconds[tag(f"train/{name}", seed)] = futs[seed, name].result()["seconds"]
+                log(f"[reproduce] seed {seed}: {name} trained ({seconds[tag(f'train/{name}', seed)]:.0f} s)")
+                evals[seed, name] = pool.submit(_task_eval, plan, base, str(adapter_dir(str(work / f"seed{seed}" / name))), eval_common)
+            d = work / f"seed{seed}"
+            merged = merge(base, semi=str(d / "semi"), on=str(d / "ar-copo"), scale=plan.merge_scale, out=str(d / "merged.safetensors"))
+            evals[seed, "merged"] = pool.submit(_task_eval, plan, str(merged), None, eval_common)
+        eval_base = base_eval.result()
+        seconds["eval/base"] = eval_base.pop("seconds")
+        replicates = []
+        for seed in seeds:
+            ev = {}
+            for name in POLICIES[1:]:
+                ev[name] = evals[seed, name].result()
+                seconds[tag(f"eval/{name}", seed)] = ev[name].pop("seconds")
+            d = work / f"seed{seed}"
+            replicates.append({
+                "seed": seed,
+                "eval": ev,
+                "curves": {name: [json.loads(ln) for ln in (d / name / "metrics.jsonl").read_text().splitlines()] for name in RUNS},
+                # the buffer's groups: AR-CoPO rollouts of the BASE model, one prompt each (the premise's spreads)
+                "buffer_rewards": [g["rewards"] for g in json.loads((d / "buffer" / "index.json").read_text())["groups"]],
+            })
     except BaseException:
         pool.close(cancel=True)
         raise
     pool.close()
-    curves = {name: [json.loads(ln) for ln in (work / name / "metrics.jsonl").read_text().splitlines()] for name in runs}
     return {
         "plan": dataclasses.asdict(plan),
-        "eval": results,
-        "curves": curves,
-        # the buffer's groups: AR-CoPO rollouts of the BASE model, one prompt each (the premise's spreads)
-        "buffer_rewards": [g["rewards"] for g in json.loads((buffer / "index.json").read_text())["groups"]],
+        "eval_base": eval_base,
+        "replicates": replicates,
         "seconds": dict(seconds, total=time.perf_counter() - t_start),
         "environment": {"jobs": jobs, "python": platform.python_version(), "torch": torch.__version__,
                         "machine": platform.machine(), "cpus": _cpus(), "load_average_start": load_start,
                         "load_average_end": _loadavg()},
     }
+
+
+def replicate_view(raw: dict[str, Any], r: int) -> dict[str, Any]:
+    """Replicate r as one reproduction (what `judge` reads): plan, eval (base included), curves, buffer."""
+    rep = raw["replicates"][r]
+    return {"plan": dict(raw["plan"], seed=rep["seed"]), "eval": {"base": raw["eval_base"], **rep["eval"]},
+            "curves": rep["curves"], "buffer_rewards": rep["buffer_rewards"]}
 
 
 def _loadavg() -> float | None:
@@ -372,10 +419,33 @@ def paired(results: dict[str, Any], a: str, b: str, key: str) -> dict[str, float
     return {"diff": mean, "se": math.sqrt(var / n), "n": n}
 
 
-def _metric(row: dict[str, Any], key: str) -> float:
+def _metric(row: dict[str, Any], key: str, quality_keys: list[str] | None = None) -> float:
     if key == "quality":
-        return sum(row[k] for k in row["_quality_keys"])
+        return sum(row[k] for k in (quality_keys or row["_quality_keys"]))
     return row[key]
+
+
+def pooled(raw: dict[str, Any], policy: str, key: str) -> dict[str, float]:
+    """policy - base over every replicate: each prompt's difference averaged over its videos and over the
+    replicates, then the mean and its SE over prompts (n = prompts; the SE covers the evaluation's noises,
+    with the replicates' training runs averaged, not their spread)."""
+    qk = list(raw["plan"]["quality_keys"])
+    base = raw["eval_base"]["rows"]
+    sums: dict[str, list[float]] = {}
+    for rep in raw["replicates"]:
+        rows = rep["eval"][policy]["rows"]
+        if [(r["prompt"], r["seed"]) for r in rows] != [(r["prompt"], r["seed"]) for r in base]:
+            raise ValueError(f"{policy} (seed {rep['seed']}) was not evaluated on the base's videos")
+        by_prompt: dict[str, list[float]] = {}
+        for x, y in zip(base, rows):
+            by_prompt.setdefault(x["prompt"], []).append(_metric(y, key, qk) - _metric(x, key, qk))
+        for prompt, v in by_prompt.items():
+            sums.setdefault(prompt, []).append(sum(v) / len(v))
+    d = [sum(v) / len(v) for v in sums.values()]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((v - mean) ** 2 for v in d) / (n - 1) if n > 1 else 0.0
+    return {"diff": mean, "se": math.sqrt(var / n), "n": n}
 
 
 def _sig_up(p: dict[str, float], min_effect: float) -> bool:
@@ -540,6 +610,35 @@ def judge(raw: dict[str, Any]) -> list[dict[str, Any]]:
     return claims
 
 
+ACROSS_RULE = ("across training replicates: reproduced when every replicate reproduces it, not when every "
+               "replicate's verdict is not, partly otherwise")
+
+
+def combine(verdicts: list[str]) -> str:
+    """One verdict from the replicates' (ACROSS_RULE)."""
+    if all(v == "reproduced" for v in verdicts):
+        return "reproduced"
+    if all(v == "not" for v in verdicts):
+        return "not"
+    return "partly"
+
+
+def judge_all(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """One verdict per claim over every training replicate (each judged by `judge`), with each replicate's
+    verdict, numbers and moves."""
+    per = [judge(replicate_view(raw, r)) for r in range(len(raw["replicates"]))]
+    claims = []
+    for i, first in enumerate(per[0]):
+        reps = []
+        for rep, cs in zip(raw["replicates"], per):
+            c = cs[i]
+            reps.append({"seed": rep["seed"], "verdict": c["verdict"], "numbers": c["numbers"], "moved": c["moved"],
+                         **({"premise": c["premise"]} if "premise" in c else {})})
+        claims.append({"id": first["id"], "claim": first["claim"], "verdict": combine([r["verdict"] for r in reps]),
+                       "rule": first["rule"], "across": ACROSS_RULE, "replicates": reps})
+    return claims
+
+
 # -- the report ---------------------------------------------------------------------------------------------
 
 
@@ -563,75 +662,96 @@ def _cell(v: Any) -> str:
 
 def write_report(raw: dict[str, Any], claims: list[dict[str, Any]], out: Path, stem: str = "toy_reproduction", command: str = "") -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    plan, ev = raw["plan"], raw["eval"]
+    plan = raw["plan"]
     keys = ["total", plan["ta_key"], *plan["quality_keys"]]
+    views = [replicate_view(raw, r) for r in range(len(raw["replicates"]))]
+    seeds = [rep["seed"] for rep in raw["replicates"]]
     paths = {"json": out / f"{stem}.json", "png": out / f"{stem}.png", "md": out / f"{stem}.md"}
     # the JSON keeps what the report reads (and the per-video scores), at 6 significant digits
     keep = {"iteration", "reward/mean", "reward/group_std", "update/clip_frac", "update/ratio_max_dev/epoch0",
             *(f"reward/{k}/mean" for k in keys[1:])}
-    curves = {n: [{k: v for k, v in r.items() if k in keep} for r in rows] for n, rows in raw["curves"].items()}
     cols = {"prompt", "seed", *keys}
-    evals = {n: dict(r, rows=[{k: v for k, v in row.items() if k in cols} for row in r["rows"]]) for n, r in ev.items()}
-    paths["json"].write_text(json.dumps(_round({"claims": claims, **raw, "curves": curves, "eval": evals}), separators=(",", ":")))
+    trim_eval = lambda r: dict(r, rows=[{k: v for k, v in row.items() if k in cols} for row in r["rows"]])  # noqa: E731
+    reps = [dict(rep, eval={n: trim_eval(r) for n, r in rep["eval"].items()},
+                 curves={n: [{k: v for k, v in row.items() if k in keep} for row in rows] for n, rows in rep["curves"].items()})
+            for rep in raw["replicates"]]
+    paths["json"].write_text(json.dumps(_round({"claims": claims, **raw, "eval_base": trim_eval(raw["eval_base"]),
+                                                "replicates": reps}), separators=(",", ":")))
     _plot(raw, keys, paths["png"])
 
+    env = raw["environment"]
     lines = [
         "# The paper's claims on the toy world" if plan["name"] != "tiny" else "# The paper's claims (plumbing check on the tiny random model)",
         "",
-        f"Written by `{command or 'python -m arcopo_fast.toy reproduce'}` (plan `{plan['name']}`, seed {plan['seed']}) in "
-        f"{raw['seconds']['total'] / 60:.1f} minutes on {raw['environment']['cpus']} CPU core(s), {raw['environment']['jobs']} "
-        f"run(s) at a time, one thread each (torch {raw['environment']['torch']}; 1-minute load average "
-        f"{raw['environment'].get('load_average_start')} at the start, {raw['environment'].get('load_average_end')} at the end). Numbers: `{paths['json'].name}`; plot: "
-        f"`{paths['png'].name}`.",
+        f"Written by `{command or 'python -m arcopo_fast.toy reproduce'}` (plan `{plan['name']}`, training seeds "
+        f"{', '.join(map(str, seeds))}, evaluation noise plan {plan['seed']}) in {raw['seconds']['total'] / 60:.1f} minutes on "
+        f"{env['cpus']} CPU core(s), {env['jobs']} run(s) at a time, one thread each (torch {env['torch']}; 1-minute load "
+        f"average {env.get('load_average_start')} at the start, {env.get('load_average_end')} at the end). Numbers: "
+        f"`{paths['json'].name}`; plot: `{paths['png'].name}`.",
         "",
         "## Verdicts",
         "",
-        "| claim | verdict | key numbers |",
-        "|---|---|---|",
+        f"Each claim is judged on each training replicate by the rules below; {ACROSS_RULE}.",
+        "",
+        "| claim | verdict | " + " | ".join(f"seed {s_}" for s_ in seeds) + " |",
+        "|---|---|" + "---|" * len(seeds),
     ]
     for c in claims:
-        nums = "; ".join(f"{k} {_cell(v)}" for k, v in c["numbers"].items() if not isinstance(v, dict) or "diff" in v)
-        lines.append(f"| {c['id']}. {c['claim']} | **{c['verdict']}** | {nums} |")
-    lines += [""] + [f"Premise (claim {c['id']}): {c['premise']}" for c in claims if "premise" in c]
+        cells = []
+        for r in c["replicates"]:
+            nums = "; ".join(f"{k} {_cell(v)}" for k, v in r["numbers"].items() if not isinstance(v, dict) or "diff" in v)
+            cells.append(f"**{r['verdict']}**: {nums}")
+        lines.append(f"| {c['id']}. {c['claim']} | **{c['verdict']}** | " + " | ".join(cells) + " |")
+    lines += [""] + [f"Premise (claim {c['id']}, seed {r['seed']}): {r['premise']}" for c in claims for r in c["replicates"] if "premise" in r]
     lines += ["", "What moved (every metric of the claims' policies that changed against base by > 2 SE and more "
               f"than {plan.get('min_effect', 0.0):g}):", ""]
     for c in claims:
-        moved = "; ".join(f"{k} {_fmt(v)}" for k, v in c["moved"].items()) or "nothing"
-        lines.append(f"- {c['id']}: {moved}")
-    n_prompts = len({r["prompt"] for r in ev["base"]["rows"]})
+        for r in c["replicates"]:
+            moved = "; ".join(f"{k} {_fmt(v)}" for k, v in r["moved"].items()) or "nothing"
+            lines.append(f"- {c['id']}, seed {r['seed']}: {moved}")
+    base = raw["eval_base"]
+    n_prompts = len({r["prompt"] for r in base["rows"]})
     lines += ["", "Rules (fixed before the runs; `a ± b` is a paired mean difference ± its standard error over "
-              f"{n_prompts} distinct prompts ({ev['base']['num_videos']} videos, {plan.get('eval_seeds', '?')} per listed prompt, each with its "
+              f"{n_prompts} distinct prompts ({base['num_videos']} videos, {plan.get('eval_seeds', '?')} per listed prompt, each with its "
               "own noise; a prompt's differences are averaged first); 'by > 2 SE' also requires a change larger than "
               f"{plan.get('min_effect', 0.0):g}, the rewards' resolution):", ""]
     lines += [f"- {c['id']}: {c['rule']}." for c in claims]
     lines += ["", "## Evaluation (mean over the same videos for every policy; change vs base ± SE)", "",
-              "| policy | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for name in POLICIES:
-        cells = []
-        for k in keys:
-            mean = ev[name]["means"][k]
-            cells.append(f"{mean:.4f}" if name == "base" else f"{mean:.4f} ({_fmt(paired(ev, 'base', name, k))})")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+              "Rows `pooled`: each prompt's change averaged over the replicates, then ± SE over prompts (the training "
+              "replicates are averaged, their spread is in the per-seed rows).", "",
+              "| policy | seed | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys),
+              "| base | | " + " | ".join(f"{base['means'][k]:.4f}" for k in keys) + " |"]
+    for name in POLICIES[1:]:
+        for v, s_ in zip(views, seeds):
+            cells = [f"{v['eval'][name]['means'][k]:.4f} ({_fmt(paired(v['eval'], 'base', name, k))})" for k in keys]
+            lines.append(f"| {name} | {s_} | " + " | ".join(cells) + " |")
+        if len(views) > 1:
+            lines.append(f"| {name} | pooled | " + " | ".join(_fmt(pooled(raw, name, k)) for k in keys) + " |")
     lines += ["", "## Training runs", "", "Semi-on-policy runs train on the buffer's fixed rewards: their policy is judged by "
               "the evaluation above only. Each iteration draws its own prompt, so the training thirds differ by prompt "
-              "as much as by training (unpaired ± SE); the evaluation above is the paired measurement. Within-group std: mean over iterations of the reward std inside a group.", "", "| run | iterations | reward first third | reward last third | within-group std | clip frac | seconds |",
-              "|---|---|---|---|---|---|---|"]
-    for name, rows in raw["curves"].items():
-        r = [x["reward/mean"] for x in rows]
-        third = max(1, len(r) // 3)
-        first, last = ("(buffer)", "(buffer)") if name.startswith("semi") else (f"{_mean(r[:third]):.4f}", f"{_mean(r[-third:]):.4f} ({_fmt(_thirds(r))})")
-        lines.append(f"| {name} | {len(rows)} | {first} | {last} | "
-                     f"{_mean([x['reward/group_std'] for x in rows]):.4g} | {_mean([x['update/clip_frac'] for x in rows]):.3f} | "
-                     f"{raw['seconds'].get(f'train/{name}', float('nan')):.0f} |")
-    p = raw["plan"]
+              "as much as by training (unpaired ± SE); the evaluation above is the paired measurement. Within-group std: "
+              "mean over iterations of the reward std inside a group.", "",
+              "| run | seed | iterations | reward first third | reward last third | within-group std | clip frac | seconds |",
+              "|---|---|---|---|---|---|---|---|"]
+    tag = (lambda name, seed: name) if len(seeds) == 1 else (lambda name, seed: f"{name}@{seed}")
+    for v, s_ in zip(views, seeds):
+        for name, rows in v["curves"].items():
+            r = [x["reward/mean"] for x in rows]
+            third = max(1, len(r) // 3)
+            first, last = ("(buffer)", "(buffer)") if name.startswith("semi") else (f"{_mean(r[:third]):.4f}", f"{_mean(r[-third:]):.4f} ({_fmt(_thirds(r))})")
+            lines.append(f"| {name} | {s_} | {len(rows)} | {first} | {last} | "
+                         f"{_mean([x['reward/group_std'] for x in rows]):.4g} | {_mean([x['update/clip_frac'] for x in rows]):.3f} | "
+                         f"{raw['seconds'].get(tag(f'train/{name}', s_), float('nan')):.0f} |")
     lines += ["", "## Settings", "",
-              f"- config preset `{p['config_preset']}` with overrides: `{' '.join(p['overrides'])}`",
-              f"- on-policy iterations {p['iterations']}, semi-on-policy iterations {p['semi_iterations']}, buffer "
-              f"{p['buffer_groups']} groups, merge scale s = {p['merge_scale']}",
-              f"- evaluation: the first {p['eval_prompts']} prompts x {p['eval_seeds']} noise ids each (prompt i: ids "
-              f"{EVAL_NOISE_ID0} + {p['eval_seeds']} i + j; no two prompts share a noise)",
-              f"- TA = `{p['ta_key']}`, quality = {' + '.join(f'`{k}`' for k in p['quality_keys'])}; the ta-only run's "
-              f"reward: `{json.dumps(p['ta_only_rewards'])}`",
+              f"- config preset `{plan['config_preset']}` with overrides: `{' '.join(plan['overrides'])}`",
+              f"- training replicates: {len(seeds)} (run.seed {', '.join(map(str, seeds))}: each its own buffer, prompt order, "
+              f"pivots, noises and adapter init; every policy evaluated with noise plan {plan['seed']})",
+              f"- on-policy iterations {plan['iterations']}, semi-on-policy iterations {plan['semi_iterations']}, buffer "
+              f"{plan['buffer_groups']} groups, merge scale s = {plan['merge_scale']}",
+              f"- evaluation: the first {plan['eval_prompts']} prompts x {plan['eval_seeds']} noise ids each (prompt i: ids "
+              f"{EVAL_NOISE_ID0} + {plan['eval_seeds']} i + j; no two prompts share a noise)",
+              f"- TA = `{plan['ta_key']}`, quality = {' + '.join(f'`{k}`' for k in plan['quality_keys'])}; the ta-only run's "
+              f"reward: `{json.dumps(plan['ta_only_rewards'])}`",
               "- SDE-GRPO: arcopo_fast/rl/sde_grpo.py (shared initial noise, per-branch solver noise in the pivot chunk, "
               "Gaussian consistency-step likelihood, the same clipping); claim c runs in semi-on-policy mode (see "
               "arcopo_fast/toy/reproduce.py)",
@@ -646,32 +766,39 @@ def _plot(raw: dict[str, Any], keys: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    styles = ["-", "--", ":", "-."]
+    colours = {n: f"C{i}" for i, n in enumerate(RUNS)}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), dpi=100)
-    ax = axes[0]
-    for name, rows in raw["curves"].items():
-        if name.startswith("semi"):
-            continue  # its logged rewards are the buffer's (fixed), not the policy's
-        ys = [r["reward/mean"] for r in rows]
-        w = max(1, len(ys) // 8)
-        smooth = [_mean(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))]
-        ax.plot([r["iteration"] for r in rows], smooth, label=name)
-    ax.set(title="on-policy training reward (moving mean)", xlabel="iteration", ylabel="reward/mean")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    for name in ("ar-copo", "sde-grpo"):
-        rows = raw["curves"][name]
-        ax.plot([r["iteration"] for r in rows], [r["reward/group_std"] for r in rows], label=name)
-    ax.set(title="within-group reward std", xlabel="iteration", yscale="log")
-    ax.legend(fontsize=8)
+    for r, rep in enumerate(raw["replicates"]):
+        ls, sfx = styles[r % len(styles)], "" if len(raw["replicates"]) == 1 else f" (seed {rep['seed']})"
+        for name, rows in rep["curves"].items():
+            if name.startswith("semi"):
+                continue  # its logged rewards are the buffer's (fixed), not the policy's
+            ys = [x["reward/mean"] for x in rows]
+            w = max(1, len(ys) // 8)
+            smooth = [_mean(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))]
+            axes[0].plot([x["iteration"] for x in rows], smooth, ls, color=colours[name], label=name + sfx)
+        for name in ("ar-copo", "sde-grpo"):
+            rows = rep["curves"][name]
+            axes[1].plot([x["iteration"] for x in rows], [x["reward/group_std"] for x in rows], ls, color=colours[name], label=name + sfx)
+    axes[0].set(title="on-policy training reward (moving mean)", xlabel="iteration", ylabel="reward/mean")
+    axes[1].set(title="within-group reward std", xlabel="iteration", yscale="log")
+    for ax in axes[:2]:
+        ax.legend(fontsize=7)
     ax = axes[2]
-    names = [n for n in POLICIES if n != "base"]
+    names = list(POLICIES[1:])
     width = 0.8 / len(keys)
+    views = [replicate_view(raw, r) for r in range(len(raw["replicates"]))]
     for j, k in enumerate(keys):
-        ps = [paired(raw["eval"], "base", n, k) for n in names]
-        ax.bar([i + j * width for i in range(len(names))], [p["diff"] for p in ps], width, yerr=[2 * p["se"] for p in ps], label=k, capsize=2)
+        ps = [pooled(raw, n, k) for n in names]
+        xs = [i + j * width for i in range(len(names))]
+        ax.bar(xs, [p["diff"] for p in ps], width, yerr=[2 * p["se"] for p in ps], label=k, capsize=2, color=f"C{j}")
+        if len(views) > 1:  # each replicate's own change
+            for v in views:
+                ax.plot(xs, [paired(v["eval"], "base", n, k)["diff"] for n in names], "k.", ms=3)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(names))], names, rotation=20, fontsize=8)
-    ax.set(title="eval change vs base (± 2 SE)")
+    ax.set(title="eval change vs base (pooled ± 2 SE; dots: each replicate)" if len(views) > 1 else "eval change vs base (± 2 SE)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -693,12 +820,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--buffer-groups", type=int)
     ap.add_argument("--eval-prompts", type=int)
     ap.add_argument("--eval-seeds", type=int)
-    ap.add_argument("--seed", type=int)
+    ap.add_argument("--seed", type=int, help="the evaluation's noise plan and the first replicate's training seed")
+    ap.add_argument("--replicates", type=int, help="training replicates (seeds --seed, --seed + 1, ...)")
     ap.add_argument("--stem", default="toy_reproduction", help="file name stem of the outputs")
     ap.add_argument("overrides", nargs="*", help="extra train overrides for every run (section.field=value)")
     args = ap.parse_args(argv)
     plan = PLANS[args.plan]()
-    for f in ("iterations", "semi_iterations", "buffer_groups", "eval_prompts", "eval_seeds", "seed"):
+    for f in ("iterations", "semi_iterations", "buffer_groups", "eval_prompts", "eval_seeds", "seed", "replicates"):
         v = getattr(args, f)
         if v is not None:
             if v < (0 if f == "seed" else 1):
@@ -720,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = "python -m arcopo_fast.toy reproduce " + " ".join(argv if argv is not None else sys.argv[2:])
     raw = run_all(plan, Path(args.work), jobs=args.jobs)
-    claims = judge(raw)
+    claims = judge_all(raw)
     paths = write_report(raw, claims, Path(args.out), args.stem, command.strip())
     for c in claims:
         print(f"[reproduce] {c['id']}. {c['claim']}: {c['verdict']}")
