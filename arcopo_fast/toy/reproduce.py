@@ -291,6 +291,11 @@ def replicate_seeds(plan: Plan) -> list[int]:
     return [plan.seed + r for r in range(plan.replicates)]
 
 
+def _tag(name: str, seed: int, replicates: int) -> str:
+    """A key of raw["seconds"]: the bare name with one replicate, name@seed with several."""
+    return name if replicates == 1 else f"{name}@{seed}"
+
+
 def run_all(plan: Plan, work: Path, jobs: int = 2, log=print) -> dict[str, Any]:
     """Train, collect, merge and evaluate everything; returns the raw results (no verdicts).
 
@@ -325,7 +330,7 @@ def run_all(plan: Plan, work: Path, jobs: int = 2, log=print) -> dict[str, Any]:
             _cfg(plan, ov)
     pool = _Pool(jobs)
     seconds: dict[str, float] = {}
-    tag = (lambda name, seed: name) if len(seeds) == 1 else (lambda name, seed: f"{name}@{seed}")
+    tag = lambda name, seed: _tag(name, seed, len(seeds))  # noqa: E731
     try:
         from ..merge import adapter_dir, merge
 
@@ -733,7 +738,6 @@ def write_report(raw: dict[str, Any], claims: list[dict[str, Any]], out: Path, s
               "mean over iterations of the reward std inside a group.", "",
               "| run | seed | iterations | reward first third | reward last third | within-group std | clip frac | seconds |",
               "|---|---|---|---|---|---|---|---|"]
-    tag = (lambda name, seed: name) if len(seeds) == 1 else (lambda name, seed: f"{name}@{seed}")
     for v, s_ in zip(views, seeds):
         for name, rows in v["curves"].items():
             r = [x["reward/mean"] for x in rows]
@@ -741,7 +745,7 @@ def write_report(raw: dict[str, Any], claims: list[dict[str, Any]], out: Path, s
             first, last = ("(buffer)", "(buffer)") if name.startswith("semi") else (f"{_mean(r[:third]):.4f}", f"{_mean(r[-third:]):.4f} ({_fmt(_thirds(r))})")
             lines.append(f"| {name} | {s_} | {len(rows)} | {first} | {last} | "
                          f"{_mean([x['reward/group_std'] for x in rows]):.4g} | {_mean([x['update/clip_frac'] for x in rows]):.3f} | "
-                         f"{raw['seconds'].get(tag(f'train/{name}', s_), float('nan')):.0f} |")
+                         f"{raw['seconds'].get(_tag(f'train/{name}', s_, len(seeds)), float('nan')):.0f} |")
     lines += ["", "## Settings", "",
               f"- config preset `{plan['config_preset']}` with overrides: `{' '.join(plan['overrides'])}`",
               f"- training replicates: {len(seeds)} (run.seed {', '.join(map(str, seeds))}: each its own buffer, prompt order, "
