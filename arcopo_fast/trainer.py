@@ -161,6 +161,7 @@ class Trainer:
             micro_batch=cfg.run.micro_batch,
             fork=cfg.run.fork,
             tau=a.tau,
+            tau_auto_scale=a.tau_auto_scale,
         )
         self.steps = list(a.steps) if a.steps is not None else list(range(len(s.denoising_steps)))
         self.pivot_max = s.num_chunks - 1 if a.pivot_max is None else a.pivot_max
@@ -284,7 +285,7 @@ class Trainer:
             "context_noise": s.context_noise,
             "group_size": a.group_size,
             "perturb_scale": a.perturb_scale,
-            "tau": a.tau,
+            "tau": a.tau if a.tau_auto_scale == 1.0 else f"{a.tau} x {a.tau_auto_scale:g}",  # old buffers: "auto"
             "model_config": dataclasses.asdict(self.model.cfg),
             # the reference policy, by content (not by path): its weights, compute dtype and noise seed
             "reference_weights": self._reference_weights(),
@@ -668,10 +669,10 @@ class Trainer:
                     while len(pending) > 1:  # keep one group in flight, write the older one
                         s0, f0 = pending.pop(0)
                         s0.rewards, s0.components = self._reward_result(f0)
-                        records.append(write_group(root, s0, store, self.cfg.algo.tau))
+                        records.append(write_group(root, s0, store, self.cfg.algo.tau, self.cfg.algo.tau_auto_scale))
                 for s0, f0 in pending:
                     s0.rewards, s0.components = self._reward_result(f0)
-                    records.append(write_group(root, s0, store, self.cfg.algo.tau))
+                    records.append(write_group(root, s0, store, self.cfg.algo.tau, self.cfg.algo.tau_auto_scale))
         finally:
             pool.shutdown(wait_s=0.0 if sys.exc_info()[0] is not None else 5.0)
         all_records = [r for per_rank in dist_utils.all_gather_objects(records) for r in per_rank]

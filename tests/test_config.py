@@ -33,6 +33,8 @@ def test_overrides_and_files(tmp_path):
         ("algo.num_anchors=99", "algo.num_anchors"),
         ("algo.clip_eps=0", "algo.clip_eps"),
         ("algo.tau=-1", "algo.tau"),
+        ("algo.tau_auto_scale=0", "algo.tau_auto_scale"),
+        ("algo.tau_auto_scale=.inf", "algo.tau_auto_scale"),
         ("algo.steps=[7]", "algo.steps"),
         ("algo.pivot_max=9", "algo.pivot_min/pivot_max"),
         ("sampler.latent_height=5", "sampler.latent_height"),
@@ -50,6 +52,13 @@ def test_overrides_and_files(tmp_path):
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.").replace("/", "/")):
         load_config("tiny", None, [override])
+
+
+def test_tau_auto_scale_applies_to_auto_only():
+    assert load_config("tiny", None, ["algo.tau_auto_scale=0.25"]).algo.tau_auto_scale == 0.25
+    assert load_config().algo.tau_auto_scale == 0.25 and load_config().algo.tau == "auto"  # the toy preset's choice
+    with pytest.raises(ValueError, match="algo.tau_auto_scale.*numeric algo.tau"):
+        load_config("tiny", None, ["algo.tau=0.5", "algo.tau_auto_scale=0.25"])
 
 
 def test_real_model_preset_needs_local_weights(tmp_path):

@@ -82,6 +82,16 @@ def test_tau_auto_is_the_median_off_diagonal_distance():
         torch.testing.assert_close(logp[k].double(), torch.log_softmax(-d / median, dim=-1), rtol=1e-4, atol=1e-5)
     taus, _ = neighbour_table(x0, 0.25)
     assert torch.equal(taus, torch.full((T,), 0.25))
+    # algo.tau_auto_scale: tau = scale x the median; the softmax is taken at that temperature
+    auto, _ = neighbour_table(x0, "auto")
+    scaled, logp = neighbour_table(x0, "auto", auto_scale=0.25)
+    torch.testing.assert_close(scaled, 0.25 * auto)
+    d = ((x[None] - x[:, None]) ** 2).mean(-1).permute(2, 0, 1)  # [T, anchor, candidate]
+    torch.testing.assert_close(logp.double(), torch.log_softmax(-d / scaled.double()[:, None, None], dim=-1), rtol=1e-4, atol=1e-5)
+    sharp, base = (lp.exp().diagonal(dim1=1, dim2=2) for lp in (logp, neighbour_table(x0, "auto")[1]))
+    assert (sharp[:, :-1] > base[:, :-1]).all() and (sharp >= base).all()  # sharper (the far branch: 1 in both)
+    taus, _ = neighbour_table(x0, 0.25, auto_scale=4.0)  # a numeric tau is taken as given
+    assert torch.equal(taus, torch.full((T,), 0.25))
 
 
 def test_anchors_are_b_distinct_branches_drawn_uniformly():

@@ -97,5 +97,8 @@ def test_rollout_errors():
         RolloutEngine(eng.sampler, num_chunks=L, latent_hw=HW, group_size=G, perturb_scale=1.0, micro_batch=2)
     with pytest.raises(ValueError, match="fork"):
         RolloutEngine(eng.sampler, num_chunks=L, latent_hw=HW, group_size=G, perturb_scale=0.5, micro_batch=2, fork="x")
+    for bad in (0.0, -1.0, float("inf"), "0.5"):
+        with pytest.raises(ValueError, match="tau_auto_scale"):
+            RolloutEngine(eng.sampler, num_chunks=L, latent_hw=HW, group_size=G, perturb_scale=0.5, micro_batch=2, tau_auto_scale=bad)
     with pytest.raises(ValueError, match="num_anchors"):
         sample_anchors(4, 5, torch.Generator())

@@ -105,10 +105,13 @@ def test_semi_on_policy_trains_the_semi_adapter_from_a_collected_buffer(tmp_path
     assert s.pivot > 0  # algo.pivot_min=1: every group has a prefix
     assert torch.equal(s.prefix_cache._s.k[0][:, : s.prefix_cache.length], ref._s.k[0][:, : ref.length])
     assert not torch.allclose(s.prefix_cache._s.k[0][:, : s.prefix_cache.length], tuned._s.k[0][:, : tuned.length])
-    # a buffer collected with other settings is refused
+    # a buffer collected with other settings is refused (its pi_old was taken at another temperature, too)
     with pytest.raises(ValueError, match="other settings"):
         train(tmp_path / "semi2", "run.mode=semi-on-policy", f"replay.buffer={buf}", "algo.group_size=3", "run.iterations=1",
               "algo.pivot_min=1")
+    with pytest.raises(ValueError, match="other settings.*tau"):
+        train(tmp_path / "semi3", "run.mode=semi-on-policy", f"replay.buffer={buf}", "algo.tau_auto_scale=0.5",
+              "run.iterations=1", "algo.pivot_min=1")
 
 
 def test_merge_writes_w0_plus_semi_plus_scaled_on(tmp_path):

@@ -144,16 +144,18 @@ class ReplayBuffer:
         )
 
 
-def write_group(root: str | Path, sample: GroupSample, store_dtype: torch.dtype, tau: str | float = "auto") -> dict[str, Any]:
-    """Write one scored group's tensors; returns its index record (the caller writes the index). `tau` is
-    the run's algo.tau: logp_old and tau are recomputed against the candidates as stored (module docstring)."""
+def write_group(root: str | Path, sample: GroupSample, store_dtype: torch.dtype, tau: str | float = "auto",
+                tau_auto_scale: float = 1.0) -> dict[str, Any]:
+    """Write one scored group's tensors; returns its index record (the caller writes the index). `tau` and
+    `tau_auto_scale` are the run's algo settings: logp_old and tau are recomputed against the candidates as
+    stored (module docstring)."""
     if sample.rewards is None:
         raise ValueError("write_group: the group has no rewards yet")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = _group_file(sample.group)
     x0_stored = sample.x0_old.to(store_dtype).cpu().contiguous()
-    taus, logp_old = neighbour_table(x0_stored.float(), tau, anchors=sample.x0_old.float().cpu())
+    taus, logp_old = neighbour_table(x0_stored.float(), tau, anchors=sample.x0_old.float().cpu(), auto_scale=tau_auto_scale)
     tensors = {
         "inputs": sample.inputs.float().cpu().contiguous(),
         "x0_old": x0_stored,

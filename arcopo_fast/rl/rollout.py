@@ -62,12 +62,13 @@ class GroupSample:
         return self.inputs.shape[0]
 
 
-def neighbour_table(x0: torch.Tensor, tau: str | float, anchors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def neighbour_table(x0: torch.Tensor, tau: str | float, anchors: torch.Tensor | None = None, *,
+                    auto_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """For x0 [G, T, ...] (the rollout's predictions, the candidates): the temperature tau [T] and
     log pi_old [T, G, G] (row = anchor, column = candidate). The anchors' predictions default to x0 itself;
-    the replay buffer passes the unrounded ones beside rounded candidates. tau "auto" = the median
-    off-diagonal distance of the step (project choice; the paper gives no value), fixed at rollout time.
-    Distances are element means, so tau does not depend on the video size."""
+    the replay buffer passes the unrounded ones beside rounded candidates. tau "auto" = auto_scale x the
+    median off-diagonal distance of the step (project choice; the paper gives no value), fixed at rollout
+    time. Distances are element means, so tau does not depend on the video size."""
     G, T = x0.shape[:2]
     anchors = x0 if anchors is None else anchors
     if anchors.shape != x0.shape:
@@ -75,7 +76,7 @@ def neighbour_table(x0: torch.Tensor, tau: str | float, anchors: torch.Tensor | 
     dists = torch.stack([ops.neighbour_logprobs(anchors[:, k], x0[:, k], 1.0)[0] for k in range(T)])  # [T, G, G]
     if tau == "auto":
         off = ~torch.eye(G, dtype=torch.bool, device=dists.device)
-        taus = dists[:, off].median(dim=1).values.clamp_min(1e-12)
+        taus = (auto_scale * dists[:, off].median(dim=1).values).clamp_min(1e-12)
     else:
         taus = torch.full((T,), float(tau), device=dists.device)
     return taus, torch.log_softmax(-dists / taus[:, None, None], dim=-1)
@@ -93,6 +94,7 @@ class RolloutEngine:
         micro_batch: int,
         fork: str = "copy",
         tau: str | float = "auto",
+        tau_auto_scale: float = 1.0,
     ):
         if fork not in FORK_MODES:
             raise ValueError(f"fork must be one of {FORK_MODES}, got {fork!r}")
@@ -110,7 +112,9 @@ class RolloutEngine:
         self.perturb_scale = perturb_scale
         self.micro_batch = min(micro_batch, group_size)
         self.fork = fork
-        self.tau = tau
+        if not (isinstance(tau_auto_scale, (int, float)) and 0 < tau_auto_scale < float("inf")):
+            raise ValueError(f"tau_auto_scale must be a finite number > 0, got {tau_auto_scale!r}")
+        self.tau, self.tau_auto_scale = tau, tau_auto_scale
         self.chunk_tokens = self.model.cfg.chunk_frames * self.model.frame_tokens(*latent_hw)
 
     # -- pieces ---------------------------------------------------------------------------------------
@@ -214,7 +218,7 @@ class RolloutEngine:
         t3 = time.perf_counter()
 
         x0_old = torch.cat(x0s)
-        tau, logp_old = neighbour_table(x0_old, self.tau)
+        tau, logp_old = neighbour_table(x0_old, self.tau, auto_scale=self.tau_auto_scale)
         keep = None
         if keep_prefix_cache:
             # copy mode: copy row 0's prefix out, so the big micro-batch cache is freed before the update
