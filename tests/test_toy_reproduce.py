@@ -31,6 +31,24 @@ def _raw(shift: dict[str, dict[str, float]], spreads=(0.02, 0.005), n=6) -> dict
     }
 
 
+PAPER = {
+    "ar-copo": {"total": 0.3, "r/TA": 0.1},
+    "sde-grpo": {"total": 0.05},
+    "ta-only": {"r/TA": 0.2, "r/MQ": -0.1, "total": 0.1},
+    "semi": {"total": 0.1},
+    "semi-unclipped": {"r/VQ": -0.2, "r/MQ": -0.1, "total": -0.3},
+    "merged": {"total": 0.35, "r/TA": 0.1},
+}
+OPPOSITE = {
+    "ar-copo": {"total": -0.2},
+    "sde-grpo": {"total": 0.3},
+    "ta-only": {"r/TA": -0.1, "r/VQ": 0.1, "r/MQ": 0.1},
+    "semi": {"r/VQ": -0.3, "total": -0.3},
+    "semi-unclipped": {"r/VQ": 0.2, "r/MQ": 0.1},
+    "merged": {"total": -0.4, "r/VQ": -0.5},
+}
+
+
 def test_paired_difference_and_standard_error_by_hand():
     ev = {"a": {"rows": [{"prompt": "x", "seed": 0, "m": 1.0}, {"prompt": "y", "seed": 0, "m": 2.0}, {"prompt": "z", "seed": 0, "m": 3.0}]},
           "b": {"rows": [{"prompt": "x", "seed": 0, "m": 2.0}, {"prompt": "y", "seed": 0, "m": 2.0}, {"prompt": "z", "seed": 0, "m": 6.0}]}}
@@ -57,14 +75,7 @@ def test_every_prompt_is_evaluated_on_its_own_noises():
 
 
 def test_the_paper_s_pattern_reproduces_every_claim():
-    raw = _raw({
-        "ar-copo": {"total": 0.3, "r/TA": 0.1},
-        "sde-grpo": {"total": 0.05},
-        "ta-only": {"r/TA": 0.2, "r/MQ": -0.1, "total": 0.1},
-        "semi": {"total": 0.1},
-        "semi-unclipped": {"r/VQ": -0.2, "r/MQ": -0.1, "total": -0.3},
-        "merged": {"total": 0.35, "r/TA": 0.1},
-    })
+    raw = _raw(PAPER)
     claims = {c["id"]: c for c in judge(raw)}
     assert {k: c["verdict"] for k, c in claims.items()} == dict.fromkeys("abcde", "reproduced")
     assert claims["b"]["numbers"]["iterations_sde_spread_smaller"] == 6
@@ -73,14 +84,7 @@ def test_the_paper_s_pattern_reproduces_every_claim():
 
 
 def test_the_opposite_pattern_reproduces_none():
-    raw = _raw({
-        "ar-copo": {"total": -0.2},
-        "sde-grpo": {"total": 0.3},
-        "ta-only": {"r/TA": -0.1, "r/VQ": 0.1, "r/MQ": 0.1},
-        "semi": {"r/VQ": -0.3, "total": -0.3},
-        "semi-unclipped": {"r/VQ": 0.2, "r/MQ": 0.1},
-        "merged": {"total": -0.4, "r/VQ": -0.5},
-    }, spreads=(0.005, 0.02))
+    raw = _raw(OPPOSITE, spreads=(0.005, 0.02))
     assert [c["verdict"] for c in judge(raw)] == ["not"] * 5
 
 
@@ -100,24 +104,6 @@ def test_changes_below_the_reward_resolution_are_not_moves():
     claims = {c["id"]: c for c in judge(raw)}
     assert claims["d"]["verdict"] == "partly"  # ... but below a resolution of 0.01
     assert "ta-only r/MQ" not in claims["d"]["moved"] and "ta-only r/TA" in claims["d"]["moved"]
-
-
-PAPER = {
-    "ar-copo": {"total": 0.3, "r/TA": 0.1},
-    "sde-grpo": {"total": 0.05},
-    "ta-only": {"r/TA": 0.2, "r/MQ": -0.1, "total": 0.1},
-    "semi": {"total": 0.1},
-    "semi-unclipped": {"r/VQ": -0.2, "r/MQ": -0.1, "total": -0.3},
-    "merged": {"total": 0.35, "r/TA": 0.1},
-}
-OPPOSITE = {
-    "ar-copo": {"total": -0.2},
-    "sde-grpo": {"total": 0.3},
-    "ta-only": {"r/TA": -0.1, "r/VQ": 0.1, "r/MQ": 0.1},
-    "semi": {"r/VQ": -0.3, "total": -0.3},
-    "semi-unclipped": {"r/VQ": 0.2, "r/MQ": 0.1},
-    "merged": {"total": -0.4, "r/VQ": -0.5},
-}
 
 
 def _replicated(*shifts) -> dict:

@@ -417,7 +417,12 @@ def paired(results: dict[str, Any], a: str, b: str, key: str) -> dict[str, float
     by_prompt: dict[str, list[float]] = {}
     for x, y in zip(ra, rb):
         by_prompt.setdefault(x["prompt"], []).append(_metric(y, key) - _metric(x, key))
-    d = [sum(v) / len(v) for v in by_prompt.values()]
+    return _over_prompts(by_prompt)
+
+
+def _over_prompts(per_prompt: dict[str, list[float]]) -> dict[str, float]:
+    """Each prompt's values averaged first, then their mean and its standard error over prompts."""
+    d = [sum(v) / len(v) for v in per_prompt.values()]
     n = len(d)
     mean = sum(d) / n
     var = sum((v - mean) ** 2 for v in d) / (n - 1) if n > 1 else 0.0
@@ -446,11 +451,7 @@ def pooled(raw: dict[str, Any], policy: str, key: str) -> dict[str, float]:
             by_prompt.setdefault(x["prompt"], []).append(_metric(y, key, qk) - _metric(x, key, qk))
         for prompt, v in by_prompt.items():
             sums.setdefault(prompt, []).append(sum(v) / len(v))
-    d = [sum(v) / len(v) for v in sums.values()]
-    n = len(d)
-    mean = sum(d) / n
-    var = sum((v - mean) ** 2 for v in d) / (n - 1) if n > 1 else 0.0
-    return {"diff": mean, "se": math.sqrt(var / n), "n": n}
+    return _over_prompts(sums)
 
 
 def _sig_up(p: dict[str, float], min_effect: float) -> bool:
