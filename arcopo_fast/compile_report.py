@@ -78,13 +78,21 @@ class _FakeTensor:
         return self._elem
 
 
+# Report kernel name -> its autotuner's row of block_attn.SPILLING_D128 (the variants of one JIT kernel
+# share an autotuner, hence a row).
+_TUNER_ROW = {"chunk_fwd_split": "chunk_fwd", "chunk_fwd_fp32": "chunk_fwd", "chunk_fwd_split_tma": "chunk_fwd_tma",
+              "chunk_dkdv": "dkdv", "block_causal_dkdv": "dkdv",
+              "chunk_dkdv_tma": "dkdv_tma", "block_causal_dkdv_tma": "dkdv_tma"}
+
+
 def _fwd_specs(kernel, fn, extra, dtype="bf16", kept_only=False, module="arcopo_fast.kernels.block_attn"):
     from arcopo_fast.kernels import block_attn as ba
 
     elem = 4 if dtype == "fp32" else 2
     lq, lk = ba._lq_bucket(4680), ba._lk_bucket(32760)
     named = {"Q": _FakeTensor(elem), "LQ_BUCKET": lq, "LK_BUCKET": lk}
-    kept = {id(c) for c in ba._prune_fwd_configs(ba._FWD_CONFIGS, named, HEAD_DIM=HEAD_DIM)}
+    prune = ba._fwd_pruner(_TUNER_ROW.get(kernel, kernel))
+    kept = {id(c) for c in prune(ba._FWD_CONFIGS, named, HEAD_DIM=HEAD_DIM)}
     prec = ba._dot_prec_gpu(dtype)
     specs = []
     for c in ba._FWD_CONFIGS:
@@ -93,6 +101,24 @@ def _fwd_specs(kernel, fn, extra, dtype="bf16", kept_only=False, module="arcopo_
         cx = dict(extra, HEAD_DIM=HEAD_DIM, DOT_PREC=prec, **c.kwargs)
         specs.append(_spec(kernel, module, fn, cx, c.num_warps, c.num_stages,
                            id(c) in kept, ptrs=_attn_ptrs(dtype), maxnreg=getattr(c, "maxnreg", None)))
+    return specs
+
+
+def _bwd_specs(kernel, module, fn, extra, candidates) -> list[dict]:
+    """The backward autotuner's D = 128 candidates of `kernel`, marked kept as its pruner decides (bf16)."""
+    from arcopo_fast.kernels import _autotune
+    from arcopo_fast.kernels import block_attn as ba
+
+    configs = ba._bwd_configs(candidates)
+    prune = ba._bwd_pruner(_TUNER_ROW.get(kernel, kernel), candidates)
+    kept = {id(c) for c in prune(configs, {"Q": _FakeTensor(2)}, HEAD_DIM=HEAD_DIM)}
+    specs = []
+    for c in configs:
+        if _autotune.tile(c) not in candidates[HEAD_DIM]:
+            continue
+        cx = dict(extra, HEAD_DIM=HEAD_DIM, DOT_PREC="tf32", **c.kwargs)
+        specs.append(_spec(kernel, module, fn, cx, c.num_warps, c.num_stages, id(c) in kept,
+                           ptrs=_attn_ptrs("bf16")))
     return specs
 
 
@@ -122,16 +148,12 @@ def _all_specs() -> dict[str, list[dict]]:
                             ("chunk_dq_tma", tma, "_chunk_attn_bwd_dq_tma_kernel", seg),
                             ("block_causal_dq", mod, "_block_causal_bwd_dq_kernel", {}),
                             ("block_causal_dq_tma", tma, "_block_causal_bwd_dq_tma_kernel", {})):
-        bm, bn, w, s = ba.BWD_DQ_CONFIG[HEAD_DIM]
-        specs[name] = [_spec(name, m, fn, dict(cx, HEAD_DIM=HEAD_DIM, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="tf32"),
-                             w, s, True, ptrs=ptrs)]
+        specs[name] = _bwd_specs(name, m, fn, cx, ba.BWD_DQ_CONFIGS)
     for name, m, fn, causal in (("chunk_dkdv", mod, "_dkdv_kernel", False),
                                 ("chunk_dkdv_tma", tma, "_dkdv_tma_kernel", False),
                                 ("block_causal_dkdv", mod, "_dkdv_kernel", True),
                                 ("block_causal_dkdv_tma", tma, "_dkdv_tma_kernel", True)):
-        bm, bn, w, s = ba.BWD_DKDV_CONFIG[HEAD_DIM]
-        cx = dict(CAUSAL=causal, HEAD_DIM=HEAD_DIM, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="tf32")
-        specs[name] = [_spec(name, m, fn, cx, w, s, True, ptrs=ptrs)]
+        specs[name] = _bwd_specs(name, m, fn, dict(CAUSAL=causal), ba.BWD_DKDV_CONFIGS)
     specs["bwd_delta"] = [_spec("bwd_delta", mod, "_bwd_delta_kernel", dict(HEAD_DIM=HEAD_DIM, BLOCK_M=64), 4, 1,
                                 True, ptrs=ptrs)]
     if hasattr(ba, "_split_combine_kernel"):

@@ -54,8 +54,11 @@ one a third full. When the grid is below SPLIT_KV["waves"] waves, the chunk forw
 key walk into contiguous shares (split-KV): each split writes a normalised fp32 partial output and its
 log-sum-exp, and _split_combine_kernel merges them (a second, small launch). The autotune key holds the
 buckets of Lq and of the longest key walk (Lk), the head count x batch, and the split count, so a config
-tuned at the first chunk (Lk = Lq) does not serve Lk = 32760. The block-causal kernels launch the
-heaviest q tiles first (reverse order) to shorten the tail of the last wave.
+tuned at the first chunk (Lk = Lq) does not serve Lk = 32760. The backward's dq and dk/dv kernels are
+autotuned the same way, over the few tiles per head dim of BWD_DQ_CONFIGS / BWD_DKDV_CONFIGS. Every
+autotuner prunes the tiles that spill in its own kernel (SPILLING_D128) and compiles a new key's candidates
+on a thread pool before timing them (kernels/_autotune.py). The block-causal kernels launch the heaviest q
+tiles first (reverse order) to shorten the tail of the last wave.
 
 fp32 on CUDA: the dots run as TF32 on the tensor cores (torch's allow_tf32 accuracy), never as the "ieee"
 FMA loop (kilobytes of spills per thread on sm_90); arcopo_fast.ops sends fp32 attention on CUDA to the
@@ -82,6 +85,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _autotune
 from ._launch import interpreting, on_device
 
 LOG2E = 1.4426950408889634
@@ -93,8 +97,8 @@ _M_INIT = tl.constexpr(-1.0e30)
 
 
 def _gpu_tiles() -> bool:
-    """GPU tile sizes (autotuned forward, BWD_* constants) rather than INTERPRET_BLOCKS. A function so that
-    a test can run the GPU launch path, configs included, under the interpreter."""
+    """GPU tile sizes (the autotuners of the forward and backward) rather than INTERPRET_BLOCKS. A function
+    so that a test can run the GPU launch path, configs included, under the interpreter."""
     return not interpreting()
 
 
@@ -102,13 +106,20 @@ def _gpu_tiles() -> bool:
 # are module-level so that tests can change them (BLOCK_M != BLOCK_N exercises more of the tile logic).
 INTERPRET_BLOCKS = {"fwd": (16, 16), "dq": (16, 16), "dkdv": (16, 16)}
 
-# Backward tile sizes on the GPU (fixed constants, as in Triton's tutorial): (BLOCK_M, BLOCK_N, warps,
-# stages). dq: a long-lived q tile walks key tiles; dk/dv: a long-lived key tile walks q tiles. Chosen with
-# arcopo_fast.compile_report (sm_90, no GPU needed): no register spills. dq at D=128 uses 64-key tiles so
-# that its N=64 GEMMs (q k^T, dO v^T) keep wgmma fed from shared memory (N=32 needs more operand bandwidth
-# than shared memory gives). NOT TIMED on a GPU yet.
-BWD_DQ_CONFIG = {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 2)}
-BWD_DKDV_CONFIG = {16: (32, 64, 4, 3), 32: (32, 64, 4, 3), 64: (64, 128, 8, 3), 128: (32, 128, 8, 3)}
+# Backward tile candidates on the GPU, per head dim: (BLOCK_M, BLOCK_N, warps, stages). dq: a long-lived q
+# tile walks key tiles; dk/dv: a long-lived key tile walks q tiles. The autotuner times the candidates of a
+# head dim that the kernel's row of SPILLING_D128 keeps (one candidate: nothing to time; the first of each
+# D = 128 list was the fixed config before). dq at D = 128 keeps key tiles of 64 or more, so that its
+# N = 64 GEMMs (q k^T, dO v^T) keep wgmma fed from shared memory (N = 32 needs more operand bandwidth than
+# shared memory gives). Register / spill figures: docs/performance.md (compile table).
+BWD_DQ_CONFIGS = {
+    16: [(64, 32, 4, 3)], 32: [(64, 32, 4, 3)], 64: [(128, 64, 8, 3)],
+    128: [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2)],
+}
+BWD_DKDV_CONFIGS = {
+    16: [(32, 64, 4, 3)], 32: [(32, 64, 4, 3)], 64: [(64, 128, 8, 3)],
+    128: [(32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3), (32, 64, 4, 3)],
+}
 
 # Split-KV of the chunk forward (flash-decoding's idea, applied when the grid is short): with fewer than
 # `waves` x SMs programs, each q tile's key walk is cut into up to `max_splits` contiguous shares of at
@@ -129,14 +140,29 @@ def _empty(shape, *, dtype, device) -> torch.Tensor:
 # Forward autotune configs (GPU only; the interpreter uses INTERPRET_BLOCKS)
 # ---------------------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, warps, stages) that spill at D = 128 in the sm_90 compile report (every forward kernel;
-# triton 3.9), by element size (2: bf16/fp16; 4: fp32, TF32 dots): pruned at D = 128.
-# tests/test_compile_report.py fails when a kept config spills, which is when to update this table.
-_SPILLING_D128 = {
-    2: {(128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 8, 3)},
-    4: {(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 2)},
+# Tiles (BLOCK_M, BLOCK_N, warps, stages) that spill registers at D = 128 in the sm_90 compile report, per
+# kernel (the same tile spills in one kernel and not in another) and element size (2: bf16/fp16; 4: fp32
+# through TF32 dots), under triton 3.9 (this machine, CI) or 3.6 (the GPU machines): pruned at D = 128.
+# "chunk_fwd" covers both of its split variants, "dkdv" both of its CAUSAL variants.
+# tests/test_compile_report.py fails when a kept config spills under the installed triton, which is when
+# to add to this table.
+_W4_128_ROWS = {(128, bn, 4, s) for bn in (64, 128) for s in (2, 3, 4)}  # spill in every forward
+_FWD_FP32 = {(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 2)}  # chunk_fwd's, applied to all
+_DKDV = {(32, 128, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3)}
+SPILLING_D128 = {
+    "chunk_fwd": {2: _W4_128_ROWS | {(64, 128, 4, s) for s in (2, 3, 4)} | {(64, 128, 8, 3), (64, 128, 8, 4)}
+                  | {(128, 128, 8, s) for s in (2, 3, 4)}, 4: _FWD_FP32},
+    "chunk_fwd_tma": {2: _W4_128_ROWS, 4: _FWD_FP32},
+    "block_causal_fwd": {2: _W4_128_ROWS, 4: _FWD_FP32},
+    "block_causal_fwd_tma": {2: _W4_128_ROWS, 4: _FWD_FP32},
+    "chunk_dq": {2: {(64, 128, 8, 2)}},
+    "chunk_dq_tma": {2: set()},
+    "block_causal_dq": {2: {(128, 128, 8, 2)}},
+    "block_causal_dq_tma": {2: set()},
+    "dkdv": {2: _DKDV},
+    "dkdv_tma": {2: _DKDV},
 }
-# The 8-warp 128x64 configs get a register budget: left alone, ptxas spends 210-225 registers on them,
+# The 8-warp 128x64 forwards get a register budget: left alone, ptxas spends 210-225 registers on them,
 # while 168 compile without a spill (arcopo_fast.compile_report), leaving the scheduler less room to
 # serialise the softmax behind the MMAs.
 FWD_MAXNREG = {(128, 64, 8): 168}
@@ -150,36 +176,68 @@ _FWD_CONFIGS = [
 _SMEM_BUDGET = 227 * 1024  # bytes: sm_90's per-block maximum
 
 
-def _keep_fwd_config(conf: triton.Config, head_dim: int, lq_bucket: int, elem_bytes: int) -> bool:
-    """Drop configs that cannot fit or that spill. Calibrated with arcopo_fast.compile_report (sm_90, bf16,
-    D = 128, the flattened key walk): see docs/performance.md for the table; every kept config compiles
-    without spills (tests/test_compile_report.py checks it)."""
-    bm, bn, w, s = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], conf.num_warps, conf.num_stages
+def _keep_fwd_config(conf: triton.Config, head_dim: int, lq_bucket: int, elem_bytes: int,
+                     kernel: str = "chunk_fwd") -> bool:
+    """Drop the forward configs that cannot fit, that spill in `kernel` (SPILLING_D128), or whose q tile
+    exceeds the chunk. Calibrated with arcopo_fast.compile_report (sm_90, D = 128): docs/performance.md."""
+    bm, bn, w, s = _autotune.tile(conf)
     # q tile + num_stages buffers of the K and V tiles (what triton allocates, checked as above)
     smem = (bm * head_dim + s * 2 * bn * head_dim) * elem_bytes
     regs = (bm * head_dim + bm * bn) // (32 * w)  # fp32 accumulator + score tile, per thread
     if smem > _SMEM_BUDGET or regs > 128 or (w == 4 and regs >= 128):
         return False
-    if head_dim == 128 and (bm, bn, w, s) in _SPILLING_D128.get(elem_bytes, ()):
+    if not _autotune.spill_free([conf], SPILLING_D128[kernel], head_dim, elem_bytes):
         return False
     return bm <= max(64, lq_bucket)
 
 
-def _prune_fwd_configs(configs, named_args, **kwargs):
-    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-    lq_bucket = named_args.get("LQ_BUCKET", 1 << 30)
-    elem = named_args["Q"].element_size()
-    kept = [c for c in configs if _keep_fwd_config(c, head_dim, lq_bucket, elem)]
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+def _fwd_pruner(kernel: str):
+    """early_config_prune of `kernel`'s forward autotuner (a name of SPILLING_D128)."""
+    def prune(configs, named_args, **kwargs):
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        lq_bucket = named_args.get("LQ_BUCKET", 1 << 30)
+        elem = named_args["Q"].element_size()
+        kept = [c for c in configs if _keep_fwd_config(c, head_dim, lq_bucket, elem, kernel)]
+        return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+
+    prune.kernel = kernel
+    return prune
 
 
-def _autotuned(kernel, extra_keys=()):
-    # Keys are shape parameters only (the autotuner adds every tensor argument's dtype).
-    return triton.autotune(
-        configs=_FWD_CONFIGS,
-        key=["HEAD_DIM", "LQ_BUCKET", "LK_BUCKET", "BH", *extra_keys],
-        prune_configs_by={"early_config_prune": _prune_fwd_configs},
-    )(kernel)
+def _bwd_pruner(kernel: str, candidates: dict):
+    """early_config_prune of a backward autotuner: the head dim's candidates that do not spill in `kernel`.
+    fp32 inputs (TF32 dots; arcopo_fast.ops sends fp32 CUDA attention to SDPA unless asked) keep the head
+    dim's first candidate only: the compile report does not cover the fp32 backward."""
+    def prune(configs, named_args, **kwargs):
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        mine = sorted((c for c in configs if _autotune.tile(c) in candidates[head_dim]),
+                      key=lambda c: candidates[head_dim].index(_autotune.tile(c)))
+        elem = named_args["Q"].element_size()
+        kept = _autotune.spill_free(mine, SPILLING_D128[kernel], head_dim, elem) if elem < 4 else []
+        return kept or mine[:1]
+
+    prune.kernel = kernel
+    return prune
+
+
+def _bwd_configs(candidates: dict) -> list:
+    tiles = dict.fromkeys(t for per_dim in candidates.values() for t in per_dim)  # ordered, unique
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in tiles]
+
+
+def _autotuned(kernel, name: str, extra_keys=()):
+    """The forward autotuner of `kernel` (its spill table: SPILLING_D128[name]). Keys are shape parameters
+    only (the autotuner adds every tensor argument's dtype)."""
+    keys = ["HEAD_DIM", "LQ_BUCKET", "LK_BUCKET", "BH", *extra_keys]
+    return _autotune.autotune(kernel, _FWD_CONFIGS, keys, _fwd_pruner(name))
+
+
+def _autotuned_bwd(kernel, name: str, kind: str, extra_keys=()):
+    """The dq (kind "dq") or dk/dv ("dkdv") autotuner of `kernel`, keyed like the forward."""
+    candidates = BWD_DQ_CONFIGS if kind == "dq" else BWD_DKDV_CONFIGS
+    keys = ["HEAD_DIM", "LQ_BUCKET", "LK_BUCKET", "BH", *extra_keys]
+    return _autotune.autotune(kernel, _bwd_configs(candidates), keys, _bwd_pruner(name, candidates))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -452,7 +510,7 @@ def _dq_step(dq, q, do, lse2, delta, k, v, bias, qk_scale, DOT_PREC: tl.constexp
     return _mma(_cast(ds, k.dtype, DOT_PREC), k, dq, DOT_PREC)
 
 
-@triton.jit(do_not_specialize=["cache_len", "prefix_len"])
+@triton.jit(do_not_specialize=["cache_len", "prefix_len", "LQ_BUCKET", "LK_BUCKET", "BH"])
 def _chunk_attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, Lse, Delta,  # Q, K, V, DQ: [B, Lq, H, D]; DO strided like Out; Lse, Delta [B, H, Lq]
     KC, VC, CLEN, CROWS, KP, VP, PLEN, PROWS,
@@ -468,6 +526,7 @@ def _chunk_attn_bwd_dq_kernel(
     cache_len, clen_stride, cache_max,
     prefix_len, plen_stride, prefix_max,
     H, Lq, qk_scale, sm_scale,
+    LQ_BUCKET, LK_BUCKET, BH,  # autotune keys only
     HAS_CACHE: tl.constexpr, CLEN_PTR: tl.constexpr, CACHE_ROWS: tl.constexpr,
     HAS_PREFIX: tl.constexpr, PLEN_PTR: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -507,7 +566,7 @@ def _chunk_attn_bwd_dq_kernel(
              _cast(dq, DQ.dtype.element_ty, DOT_PREC), mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["LQ_BUCKET", "LK_BUCKET", "BH"])
 def _dkdv_kernel(
     Q, K, V, DO, DK, DV, Lse, Delta,  # [B, L, H, D] (DK, DV like K, V); Lse, Delta [B, H, L] fp32
     stride_qb, stride_qn, stride_qh,
@@ -517,6 +576,7 @@ def _dkdv_kernel(
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
     H, L, chunk_tokens, qk_scale, sm_scale,
+    LQ_BUCKET, LK_BUCKET, BH,  # autotune keys only
     CAUSAL: tl.constexpr,  # False: chunk attention (every query sees every own key); True: block-causal
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -636,7 +696,7 @@ def _block_causal_fwd_kernel(
     tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["LQ_BUCKET", "LK_BUCKET", "BH"])
 def _block_causal_bwd_dq_kernel(
     Q, K, V, DO, DQ, Lse, Delta,
     stride_qb, stride_qn, stride_qh,
@@ -645,6 +705,7 @@ def _block_causal_bwd_dq_kernel(
     stride_dob, stride_don, stride_doh,
     stride_dqb, stride_dqn, stride_dqh,
     H, L, chunk_tokens, qk_scale, sm_scale,
+    LQ_BUCKET, LK_BUCKET, BH,  # autotune keys only
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # grid: (cdiv(L, BLOCK_M), B * H), heaviest q tiles first; same key ranges as the forward
@@ -675,8 +736,12 @@ def _block_causal_bwd_dq_kernel(
 
 
 # HAS_CACHE / HAS_PREFIX separate a video's first chunk (Lk = Lq) from the later ones.
-_chunk_attn_fwd_tuned = _autotuned(_chunk_attn_fwd_kernel, ("HAS_CACHE", "HAS_PREFIX", "NSPLIT"))
-_block_causal_fwd_tuned = _autotuned(_block_causal_fwd_kernel)
+_chunk_attn_fwd_tuned = _autotuned(_chunk_attn_fwd_kernel, "chunk_fwd", ("HAS_CACHE", "HAS_PREFIX", "NSPLIT"))
+_block_causal_fwd_tuned = _autotuned(_block_causal_fwd_kernel, "block_causal_fwd")
+_chunk_attn_bwd_dq_tuned = _autotuned_bwd(_chunk_attn_bwd_dq_kernel, "chunk_dq", "dq",
+                                          ("HAS_CACHE", "HAS_PREFIX"))
+_block_causal_bwd_dq_tuned = _autotuned_bwd(_block_causal_bwd_dq_kernel, "block_causal_dq", "dq")
+_dkdv_tuned = _autotuned_bwd(_dkdv_kernel, "dkdv", "dkdv", ("CAUSAL",))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -922,12 +987,15 @@ def _bwd_delta(out, do, lse_shape):
     return delta
 
 
-def _bwd_blocks(kind: str, head_dim: int):
+def _bwd_launch(kind: str, kernel, tuned, n_rows: int, bh: int):
+    """kernel[grid] under the interpreter (INTERPRET_BLOCKS), else the autotuner over the head dim's
+    candidates; n_rows: the length the grid's first axis tiles (q rows for dq, key rows for dk/dv)."""
     if not _gpu_tiles():
         bm, bn = INTERPRET_BLOCKS[kind]
-        return dict(BLOCK_M=bm, BLOCK_N=bn)
-    bm, bn, w, s = (BWD_DQ_CONFIG if kind == "dq" else BWD_DKDV_CONFIG)[head_dim]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+        tile = bm if kind == "dq" else bn
+        return functools.partial(kernel[(triton.cdiv(n_rows, tile), bh)], BLOCK_M=bm, BLOCK_N=bn)
+    axis = "BLOCK_M" if kind == "dq" else "BLOCK_N"
+    return tuned[lambda meta: (triton.cdiv(n_rows, meta[axis]), bh)]
 
 
 def _prep_do(do: torch.Tensor) -> torch.Tensor:
@@ -954,16 +1022,20 @@ def _chunk_bwd(do, q, k, v, out, lse, cache, prefix, scale, need_dq, need_dkdv, 
             dq = _empty(q.shape, dtype=q.dtype, device=q.device)
             (kc, vc, clen, crows), c_strides, c_lens, (clen_ptr, c_rows) = _segment_args(cache, q)
             (kp, vp, plen, prows), p_strides, p_lens, (plen_ptr, _) = _segment_args(prefix, q)
-            blk = _bwd_blocks("dq", D)
+            lk = _seg_capacity(cache) + _seg_capacity(prefix) + Lq
             tensors = (q, k, v, do, dq, kc, vc, kp, vp)
-            kernel = _tma_kernel("_chunk_attn_bwd_dq_tma_kernel", *tensors) if tma else None
-            kernel = _chunk_attn_bwd_dq_kernel if kernel is None else kernel
-            kernel[(triton.cdiv(Lq, blk["BLOCK_M"]), B * H)](
+            kernel, tuned = _chunk_attn_bwd_dq_kernel, _chunk_attn_bwd_dq_tuned
+            tma_kernel = _tma_kernel("_chunk_attn_bwd_dq_tma_kernel", *tensors) if tma else None
+            if tma_kernel is not None:
+                from . import block_attn_tma as tma_mod
+
+                kernel, tuned = tma_kernel, tma_mod._chunk_attn_bwd_dq_tma_tuned
+            _bwd_launch("dq", kernel, tuned, Lq, B * H)(
                 q, k, v, do, dq, lse, delta, kc, vc, clen, crows, kp, vp, plen, prows,
                 *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dq), *c_strides, *p_strides, *c_lens, *p_lens,
-                H, Lq, scale * LOG2E, scale,
+                H, Lq, scale * LOG2E, scale, _lq_bucket(Lq), _lk_bucket(lk), B * H,
                 HAS_CACHE=cache is not None, CLEN_PTR=clen_ptr, CACHE_ROWS=c_rows,
-                HAS_PREFIX=prefix is not None, PLEN_PTR=plen_ptr, HEAD_DIM=D, DOT_PREC=prec, **blk,
+                HAS_PREFIX=prefix is not None, PLEN_PTR=plen_ptr, HEAD_DIM=D, DOT_PREC=prec,
             )
         if need_dkdv:
             dk, dv = _dkdv(do, q, k, v, lse, delta, Lq, scale, causal=False, tma=tma)
@@ -974,14 +1046,17 @@ def _dkdv(do, q, k, v, lse, delta, chunk_tokens, scale, *, causal, tma=False):
     B, L, H, D = q.shape
     dk = _empty(k.shape, dtype=k.dtype, device=k.device)
     dv = _empty(v.shape, dtype=v.dtype, device=v.device)
-    blk = _bwd_blocks("dkdv", D)
-    kernel = _tma_kernel("_dkdv_tma_kernel", q, k, v, do, dk, dv) if tma else None
-    kernel = _dkdv_kernel if kernel is None else kernel
-    kernel[(triton.cdiv(L, blk["BLOCK_N"]), B * H)](
+    kernel, tuned = _dkdv_kernel, _dkdv_tuned
+    tma_kernel = _tma_kernel("_dkdv_tma_kernel", q, k, v, do, dk, dv) if tma else None
+    if tma_kernel is not None:
+        from . import block_attn_tma as tma_mod
+
+        kernel, tuned = tma_kernel, tma_mod._dkdv_tma_tuned
+    _bwd_launch("dkdv", kernel, tuned, L, B * H)(
         q, k, v, do, dk, dv, lse, delta,
         *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dk), *_s3(dv),
-        H, L, chunk_tokens, scale * LOG2E, scale,
-        CAUSAL=causal, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype), **blk,
+        H, L, chunk_tokens, scale * LOG2E, scale, _lq_bucket(L), _lk_bucket(L), B * H,
+        CAUSAL=causal, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype),
     )
     return dk, dv
 
@@ -1023,12 +1098,16 @@ def _block_causal_bwd(do, q, k, v, out, lse, chunk_tokens, scale, need_dq, need_
         delta = _bwd_delta(out, do, lse.shape)
         if need_dq:
             dq = _empty(q.shape, dtype=q.dtype, device=q.device)
-            blk = _bwd_blocks("dq", D)
-            kernel = _tma_kernel("_block_causal_bwd_dq_tma_kernel", q, k, v, do, dq) if tma else None
-            kernel = _block_causal_bwd_dq_kernel if kernel is None else kernel
-            kernel[(triton.cdiv(L, blk["BLOCK_M"]), B * H)](
+            kernel, tuned = _block_causal_bwd_dq_kernel, _block_causal_bwd_dq_tuned
+            tma_kernel = _tma_kernel("_block_causal_bwd_dq_tma_kernel", q, k, v, do, dq) if tma else None
+            if tma_kernel is not None:
+                from . import block_attn_tma as tma_mod
+
+                kernel, tuned = tma_kernel, tma_mod._block_causal_bwd_dq_tma_tuned
+            _bwd_launch("dq", kernel, tuned, L, B * H)(
                 q, k, v, do, dq, lse, delta, *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dq),
-                H, L, chunk_tokens, scale * LOG2E, scale, HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype), **blk,
+                H, L, chunk_tokens, scale * LOG2E, scale, _lq_bucket(L), _lk_bucket(L), B * H,
+                HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype),
             )
         if need_dkdv:
             dk, dv = _dkdv(do, q, k, v, lse, delta, chunk_tokens, scale, causal=True, tma=tma)

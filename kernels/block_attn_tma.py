@@ -43,13 +43,13 @@ import triton.language as tl
 
 from ._launch import interpreting
 from .block_attn import (
-    _FWD_CONFIGS,
     _M_INIT,
+    _autotuned,
+    _autotuned_bwd,
     _cast,
     _causal_q_tile,
     _dq_step,
     _mma,
-    _prune_fwd_configs,
     _segment,
     _softmax_step,
 )
@@ -242,11 +242,8 @@ def _chunk_attn_fwd_tma_kernel(
                        start_m, offs_m, row_ok, HEAD_DIM, BLOCK_M, DOT_PREC)
 
 
-_chunk_attn_fwd_tma_tuned = triton.autotune(
-    configs=_FWD_CONFIGS,
-    key=["HEAD_DIM", "LQ_BUCKET", "LK_BUCKET", "BH", "HAS_CACHE", "HAS_PREFIX", "NSPLIT"],
-    prune_configs_by={"early_config_prune": _prune_fwd_configs},
-)(_chunk_attn_fwd_tma_kernel)
+_chunk_attn_fwd_tma_tuned = _autotuned(_chunk_attn_fwd_tma_kernel, "chunk_fwd_tma",
+                                       ("HAS_CACHE", "HAS_PREFIX", "NSPLIT"))
 
 
 @triton.jit
@@ -263,7 +260,7 @@ def _dq_walk_segment(dq, q, do, lse2, delta, kd, vd, n, qk_scale, offs_n,
     return dq
 
 
-@triton.jit(do_not_specialize=["cache_len", "prefix_len"])
+@triton.jit(do_not_specialize=["cache_len", "prefix_len", "LQ_BUCKET", "LK_BUCKET", "BH"])
 def _chunk_attn_bwd_dq_tma_kernel(
     Q, K, V, DO, DQ, Lse, Delta, KC, VC, CLEN, CROWS, KP, VP, PLEN, PROWS,  # as _chunk_attn_bwd_dq_kernel
     stride_qb, stride_qn, stride_qh,
@@ -278,6 +275,7 @@ def _chunk_attn_bwd_dq_tma_kernel(
     cache_len, clen_stride, cache_max,
     prefix_len, plen_stride, prefix_max,
     H, Lq, qk_scale, sm_scale,
+    LQ_BUCKET, LK_BUCKET, BH,  # autotune keys only
     HAS_CACHE: tl.constexpr, CLEN_PTR: tl.constexpr, CACHE_ROWS: tl.constexpr,
     HAS_PREFIX: tl.constexpr, PLEN_PTR: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -315,7 +313,7 @@ def _chunk_attn_bwd_dq_tma_kernel(
     dqd.store([start_m, 0], _cast(dq, DQ.dtype.element_ty, DOT_PREC))  # rows past Lq: clipped
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["LQ_BUCKET", "LK_BUCKET", "BH"])
 def _dkdv_tma_kernel(
     Q, K, V, DO, DK, DV, Lse, Delta,  # as block_attn._dkdv_kernel
     stride_qb, stride_qn, stride_qh,
@@ -325,6 +323,7 @@ def _dkdv_tma_kernel(
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
     H, L, chunk_tokens, qk_scale, sm_scale,
+    LQ_BUCKET, LK_BUCKET, BH,  # autotune keys only
     CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -417,14 +416,10 @@ def _block_causal_fwd_tma_kernel(
                    start_m, offs_m, row_ok, HEAD_DIM, BLOCK_M, DOT_PREC)
 
 
-_block_causal_fwd_tma_tuned = triton.autotune(
-    configs=_FWD_CONFIGS,
-    key=["HEAD_DIM", "LQ_BUCKET", "LK_BUCKET", "BH"],
-    prune_configs_by={"early_config_prune": _prune_fwd_configs},
-)(_block_causal_fwd_tma_kernel)
+_block_causal_fwd_tma_tuned = _autotuned(_block_causal_fwd_tma_kernel, "block_causal_fwd_tma")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["LQ_BUCKET", "LK_BUCKET", "BH"])
 def _block_causal_bwd_dq_tma_kernel(
     Q, K, V, DO, DQ, Lse, Delta,  # as block_attn._block_causal_bwd_dq_kernel
     stride_qb, stride_qn, stride_qh,
@@ -433,6 +428,7 @@ def _block_causal_bwd_dq_tma_kernel(
     stride_dob, stride_don, stride_doh,
     stride_dqb, stride_dqn, stride_dqh,
     H, L, chunk_tokens, qk_scale, sm_scale,
+    LQ_BUCKET, LK_BUCKET, BH,  # autotune keys only
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # grid: (cdiv(L, BLOCK_M), B * H), heaviest q tiles first; the forward's key range and descriptors
@@ -457,3 +453,9 @@ def _block_causal_bwd_dq_tma_kernel(
     dq = dq * sm_scale
     dqd = _desc(DQ + b64 * stride_dqb + h * stride_dqh, L, stride_dqn, HEAD_DIM, BLOCK_M)
     dqd.store([start_m, 0], _cast(dq, DQ.dtype.element_ty, DOT_PREC))  # rows past L: clipped
+
+
+_chunk_attn_bwd_dq_tma_tuned = _autotuned_bwd(_chunk_attn_bwd_dq_tma_kernel, "chunk_dq_tma", "dq",
+                                              ("HAS_CACHE", "HAS_PREFIX"))
+_block_causal_bwd_dq_tma_tuned = _autotuned_bwd(_block_causal_bwd_dq_tma_kernel, "block_causal_dq_tma", "dq")
+_dkdv_tma_tuned = _autotuned_bwd(_dkdv_tma_kernel, "dkdv_tma", "dkdv", ("CAUSAL",))

@@ -274,31 +274,66 @@ def test_block_causal_rows_equal_chunk_attention_with_cache():
 def test_forward_autotune_prune_filter():
     """The GPU config list (not runnable here) prunes to a non-empty set that fits shared memory."""
     q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
+    prune = ba._fwd_pruner("chunk_fwd")
     for D, lq in ((128, 8192), (64, 8192), (128, 16)):
-        kept = ba._prune_fwd_configs(ba._FWD_CONFIGS, {"Q": q, "LQ_BUCKET": lq}, HEAD_DIM=D)
+        kept = prune(ba._FWD_CONFIGS, {"Q": q, "LQ_BUCKET": lq}, HEAD_DIM=D)
         assert kept, (D, lq)
         for c in kept:
             bm, bn, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
             assert (bm * D + s * 2 * bn * D) * 2 <= ba._SMEM_BUDGET
         if lq == 16:
             assert all(c.kwargs["BLOCK_M"] == 64 for c in kept)
-    kept128 = ba._prune_fwd_configs(ba._FWD_CONFIGS, {"Q": q, "LQ_BUCKET": 8192}, HEAD_DIM=128)
+    kept128 = prune(ba._FWD_CONFIGS, {"Q": q, "LQ_BUCKET": 8192}, HEAD_DIM=128)
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept128} >= {(128, 64), (64, 64)}
-    # configs the sm_90 compile report shows spilling are pruned
-    assert not {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept128} & ba._SPILLING_D128[2]
     assert all(c.maxnreg == 168 for c in kept128 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == (128, 64, 8))
 
 
+def test_each_autotuner_prunes_its_own_spilling_tiles():
+    """Every autotuned kernel prunes, at D = 128, exactly the tiles its own row of SPILLING_D128 lists (the
+    same tile spills in one kernel and not in another); the backward autotuners keep only their head dim's
+    candidates, and at D = 128 more than one, so the card times them."""
+    from arcopo_fast.kernels import _autotune as at
+    from arcopo_fast.kernels import block_attn_tma as tma
+
+    tuners = {"chunk_fwd": ba._chunk_attn_fwd_tuned, "block_causal_fwd": ba._block_causal_fwd_tuned,
+              "chunk_fwd_tma": tma._chunk_attn_fwd_tma_tuned, "block_causal_fwd_tma": tma._block_causal_fwd_tma_tuned,
+              "chunk_dq": ba._chunk_attn_bwd_dq_tuned, "block_causal_dq": ba._block_causal_bwd_dq_tuned,
+              "dkdv": ba._dkdv_tuned, "chunk_dq_tma": tma._chunk_attn_bwd_dq_tma_tuned,
+              "block_causal_dq_tma": tma._block_causal_bwd_dq_tma_tuned, "dkdv_tma": tma._dkdv_tma_tuned}
+    assert set(tuners) == set(ba.SPILLING_D128)
+    for name, tuner in tuners.items():
+        assert isinstance(tuner, at.ParallelCompileAutotuner), name
+        prune = tuner.early_config_prune
+        assert prune.kernel == name
+        for dtype in (torch.bfloat16, torch.float32):
+            q = torch.empty(1, dtype=dtype)
+            kept = {at.tile(c) for c in prune(tuner.configs, {"Q": q, "LQ_BUCKET": 8192}, HEAD_DIM=128)}
+            assert kept and not kept & ba.SPILLING_D128[name].get(q.element_size(), set()), (name, dtype)
+            if "_fwd" not in name and dtype == torch.float32:  # the fp32 backward keeps the first candidate
+                table = ba.BWD_DQ_CONFIGS if "dq" in name else ba.BWD_DKDV_CONFIGS
+                assert kept == {table[128][0]}, name
+            elif "_fwd" not in name:
+                table = ba.BWD_DQ_CONFIGS if "dq" in name else ba.BWD_DKDV_CONFIGS
+                assert kept == set(table[128]) - ba.SPILLING_D128[name][2] and len(kept) > 1, name
+                assert "dq" not in name or all(bn >= 64 for _, bn, _, _ in kept), name  # wgmma-fed dq tiles
+        if "_fwd" not in name:
+            table = ba.BWD_DQ_CONFIGS if "dq" in name else ba.BWD_DKDV_CONFIGS
+            for D in (16, 32, 64):  # one candidate: nothing to time
+                kept = prune(tuner.configs, {"Q": torch.empty(1, dtype=torch.bfloat16)}, HEAD_DIM=D)
+                assert [at.tile(c) for c in kept] == table[D], (name, D)
+
+
 def test_gpu_launch_path_under_interpreter(monkeypatch):
-    """The GPU launch code (autotuner call with a grid lambda, BWD_* tile constants) run by the interpreter,
-    with the autotuner's config list replaced by one non-square config (so nothing is benchmarked)."""
+    """The GPU launch code (autotuner calls with grid lambdas, forward and backward) run by the interpreter,
+    with each autotuner's config list replaced by one non-square config (so nothing is benchmarked)."""
     if not INTERPRET:
         pytest.skip("the GPU path runs for real on CUDA")
     import triton
 
     monkeypatch.setattr(ba, "_gpu_tiles", lambda: True)
     one = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=2)]
-    for tuned in (ba._chunk_attn_fwd_tuned, ba._block_causal_fwd_tuned):
+    for tuned in (ba._chunk_attn_fwd_tuned, ba._block_causal_fwd_tuned, ba._chunk_attn_bwd_dq_tuned,
+                  ba._block_causal_bwd_dq_tuned, ba._dkdv_tuned):
         monkeypatch.setattr(tuned, "configs", one)
     q, k, v, args, do = _chunk_case(CHUNK_CASES[5], seed=8)  # fp32, D=32, prefix + cache
     ours, exact, lowp = run_three(
