@@ -428,9 +428,6 @@ class StreamingPipeline:
             yield pending()
 
 
-Generator = StreamingPipeline  # the name load_generator's result had before
-
-
 def _check_output_type(output_type: str) -> None:
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
