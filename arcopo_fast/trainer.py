@@ -51,7 +51,7 @@ from .profiling import maybe_profile, nvtx_range
 from .rewards.base import RewardError
 from .rl import sde_grpo
 from .rl.loss import group_advantages
-from .rl.replay import ReplayBuffer, weights_digest, write_group, write_index
+from .rl.replay import INDEX, ReplayBuffer, weights_digest, write_group, write_index
 from .rl.rollout import GroupSample, RolloutEngine
 from .rl.update import group_loss, sample_anchors
 from .sampler import StreamingSampler
@@ -655,6 +655,11 @@ class Trainer:
         them compactly (rl/replay.py). Groups are sharded across ranks; rank 0 writes the index."""
         root = Path(root).expanduser()
         store = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.replay.store_dtype]
+        if self.dist.is_main:
+            # Collecting again rewrites group files: drop the old index first, so that an interrupted collection
+            # leaves no buffer rather than an index whose records and settings describe other tensors.
+            (root / INDEX).unlink(missing_ok=True)
+        dist_utils.barrier()
         mine = list(range(self.dist.rank, num_groups, self.dist.world_size))
         records = []
         self._reward_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None

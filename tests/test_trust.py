@@ -469,6 +469,40 @@ def test_replay_index_paths_stay_inside_the_buffer(tmp_path):
         ReplayBuffer(tmp_path / "c")
 
 
+def test_collect_refuses_a_buffer_that_exists_without_overwrite(tmp_path, capsys):
+    from arcopo_fast.collect import main as collect_main
+
+    _fake_buffer(tmp_path / "buf")
+    before = (tmp_path / "buf" / "index.json").read_text()
+    rc = collect_main(tiny_overrides(f"replay.buffer={tmp_path / 'buf'}", "replay.buffer_groups=1"))
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "buf" / "index.json").read_text() == before and not (tmp_path / "buf" / "collect_run").exists()
+    # what the Trainer refuses (here: its run folder is a file) is one error line too, as in train
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "collect_run").write_text("")
+    assert collect_main(tiny_overrides(f"replay.buffer={tmp_path / 'new'}")) == 2
+    assert "run.out_dir" in capsys.readouterr().err
+
+
+def test_a_failed_collection_leaves_no_index_over_new_group_files(tmp_path):
+    # Collecting again (collect --overwrite) rewrites group files: the old index must be gone first, or a
+    # crash would leave an index whose records (and settings) describe other tensors than the files hold.
+    _fake_buffer(tmp_path / "buf")
+    t = Trainer(tiny_cfg(tmp_path / "buf" / "collect_run", "run.iterations=0"))
+
+    def crash(*args, **kwargs):
+        assert not (tmp_path / "buf" / "index.json").exists()  # removed before the first rollout
+        raise RuntimeError("killed mid-collection")
+
+    t.engine.rollout = crash
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            t.collect_buffer(tmp_path / "buf", 2)
+    finally:
+        t.close()
+    assert not (tmp_path / "buf" / "index.json").exists()
+
+
 @pytest.fixture(scope="module")
 def collected_buffer(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("buffer") / "buf"
