@@ -579,8 +579,12 @@ class Trainer:
             # would not continue the run. A signal during this save aborts it (its temporary folder is
             # removed by the next save).
             if not self.dist.enabled and completed > last_saved and not self._torn:
-                with contextlib.suppress(Exception):
+                try:
                     self.save(completed)
+                except Exception as e:  # noqa: BLE001 - the run's own error is the one to raise
+                    kept = f"the last checkpoint is iteration {last_saved}" if last_saved else "no checkpoint was written"
+                    logger.warning("the run failed after iteration %d and saving it failed too (%s: %s): %s",
+                                   completed, type(e).__name__, e, kept)
             raise
         finally:
             bar.close()

@@ -353,6 +353,27 @@ def test_an_interrupt_during_a_rollout_saves_the_completed_iterations(tmp_path):
     assert rows(out) == [0]
 
 
+def test_a_failed_save_after_a_failure_is_reported_not_hidden(tmp_path, caplog):
+    # The emergency save of the completed iterations may fail too (a full disk): the run's own error still
+    # propagates, and the log says that the completed iterations were not saved.
+    t = Trainer(tiny_cfg(tmp_path / "f", "run.iterations=3", "run.checkpoint_every=5"))
+    real, calls = t.engine.rollout, []
+
+    def rollout(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    def full_disk(iteration):
+        raise OSError(28, "No space left on device")
+
+    t.engine.rollout, t.save = rollout, full_disk
+    with caplog.at_level("WARNING", logger="arcopo_fast.trainer"), pytest.raises(KeyboardInterrupt):
+        t.run()
+    assert "No space left on device" in caplog.text and "iteration 1" in caplog.text
+
+
 def test_a_reward_that_hangs_times_out_naming_it(tmp_path):
     out = tmp_path / "slow"
     cfg = tiny_cfg(out, "run.iterations=3", "reward.timeout=2",
