@@ -512,7 +512,3 @@ def load_generator(
         pipe.load_lora_weights(path, scale=scale, adapter_name=f"a{i}")
     return pipe
 
-
-def load_base_model(path: str, *, device, dtype, ema=None) -> CausalWanModel:
-    """Any supported checkpoint format, including a run's base_model.safetensors (+ its JSON config)."""
-    return _load_dit(path, device, dtype, ema)
