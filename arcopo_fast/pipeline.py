@@ -22,6 +22,7 @@ load_generator (the sample/evaluate CLIs' loader of arcopo_fast's own files) ret
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -271,6 +272,8 @@ class StreamingPipeline:
     def load_lora_weights(self, path: str | Path, scale: float = 1.0, adapter_name: str | None = None) -> str:
         """Add a LoRA adapter (a peft adapter folder as arcopo_fast saves it, a training checkpoint or a run
         directory) at `scale`: W = W0 + sum over loaded adapters of scale * dW. Returns its name."""
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
         name = adapter_name or f"lora{len(self._lora_scales)}"
         if name in self._lora_scales:
             raise ValueError(f"adapter_name {name!r} is already loaded; unload_lora_weights() first")
