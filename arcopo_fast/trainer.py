@@ -421,6 +421,7 @@ class Trainer:
         advs = [group_advantages(s.rewards.to(self.device), eps=a.adv_eps, quasi_norm_q=a.quasi_norm_q) for s in samples]
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (o.autocast_bf16 and self.device.type == "cuda") else contextlib.nullcontext()
         out: dict[str, float] = {"lr": lr, "skipped_steps": 0}
+        logged: dict[str, torch.Tensor] = {}  # device scalars, read back once after the last step
         n = len(samples)
         for epoch in range(a.epochs):
             self.optimizer.zero_grad(set_to_none=True)
@@ -444,14 +445,15 @@ class Trainer:
             else:
                 out["skipped_steps"] += 1
                 self.optimizer.zero_grad(set_to_none=True)
-            mean = {k: float(torch.stack([st[k] for st in stats]).float().mean()) for k in stats[0]}
-            for k, v in mean.items():
-                out[f"update/{k}/epoch{epoch}"] = v
-            out[f"update/grad_norm/epoch{epoch}"] = float(norm)
+            for k in stats[0]:
+                logged[f"update/{k}/epoch{epoch}"] = torch.stack([st[k] for st in stats]).float().mean()
+            logged[f"update/grad_norm/epoch{epoch}"] = norm.float()
+        logged["adv/abs_mean"] = torch.stack([x.abs().mean() for x in advs]).mean()
+        # NOTE(sync): one host read for all the logged numbers of the update
+        out.update(zip(logged, torch.stack(list(logged.values())).tolist()))
         for k in ("loss", "ratio_mean", "ratio_max_dev", "clip_frac", "kl"):
             out[f"update/{k}"] = out[f"update/{k}/epoch{a.epochs - 1}"]
         out["update/grad_norm"] = out[f"update/grad_norm/epoch{a.epochs - 1}"]
-        out["adv/abs_mean"] = float(torch.stack([x.abs().mean() for x in advs]).mean())
         return out
 
     # -- the loop ---------------------------------------------------------------------------------------
