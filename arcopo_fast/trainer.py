@@ -519,14 +519,20 @@ class Trainer:
             videos = videos.cpu()
         video = videos[0] if len(prompts) == 1 else tile_videos(videos, scale=2 if videos.shape[-1] <= 128 else 1)
         out = self.run_dir / "samples"
+        self.record_sample_scores(tag, iteration, total, comps)
+        mp4 = write_mp4(out / f"{tag}.mp4", video, fps=16)
+        write_contact_sheet(out / f"{tag}.png", video)
+        self.log.log_video("samples", iteration, video, fps=16, mp4=mp4)
+
+    def record_sample_scores(self, tag: str, iteration: int, total: torch.Tensor, comps: dict[str, torch.Tensor]) -> None:
+        """Add the sample videos' mean rewards under `tag` to samples/scores.json (replaced atomically: every
+        later write_samples and the end of the run read it back)."""
+        out = self.run_dir / "samples"
         out.mkdir(exist_ok=True)
         scores = self.sample_scores()
         scores[tag] = {"iteration": iteration, "reward": float(total.mean()),
                        **{k: float(v.float().mean()) for k, v in comps.items()}}
-        (out / "scores.json").write_text(json.dumps(scores, indent=2))
-        mp4 = write_mp4(out / f"{tag}.mp4", video, fps=16)
-        write_contact_sheet(out / f"{tag}.png", video)
-        self.log.log_video("samples", iteration, video, fps=16, mp4=mp4)
+        checkpointing.atomic_write_text(out / "scores.json", json.dumps(scores, indent=2))
 
     def sample_scores(self) -> dict[str, dict[str, float]]:
         """samples/scores.json: the training reward of the sample videos per tag (write_samples)."""

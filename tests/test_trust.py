@@ -374,6 +374,28 @@ def test_a_failed_save_after_a_failure_is_reported_not_hidden(tmp_path, caplog):
     assert "No space left on device" in caplog.text and "iteration 1" in caplog.text
 
 
+def test_a_failed_write_of_the_sample_scores_keeps_the_previous_file(tmp_path, monkeypatch):
+    # samples/scores.json is read again by every later write_samples and at the end of the run: a file cut
+    # short by a full disk would make the run (and each resume of it) fail when it finishes.
+    t = Trainer(tiny_cfg(tmp_path / "sc", "run.iterations=0"))
+    try:
+        t.record_sample_scores("before", 0, torch.tensor([0.5, 0.7]), {"MeanRed/red": torch.tensor([0.5, 0.7])})
+        real = Path.write_text
+
+        def full_disk(self, text, *a, **k):
+            real(self, text[: len(text) // 2])
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(Path, "write_text", full_disk)
+        with pytest.raises(OSError, match="No space"):
+            t.record_sample_scores("after", 2, torch.tensor([0.9]), {})
+        monkeypatch.undo()
+        assert t.sample_scores() == {"before": {"iteration": 0, "reward": pytest.approx(0.6), "MeanRed/red": pytest.approx(0.6)}}
+        assert [p.name for p in (tmp_path / "sc" / "samples").iterdir()] == ["scores.json"]  # no temporary left
+    finally:
+        t.close()
+
+
 def test_a_reward_that_hangs_times_out_naming_it(tmp_path):
     out = tmp_path / "slow"
     cfg = tiny_cfg(out, "run.iterations=3", "reward.timeout=2",
