@@ -447,7 +447,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             for k in stats[0]:
                 logged[f"update/{k}/epoch{epoch}"] = torch.stack([st[k] for st in stats]).float().mean()
-            logged[f"update/grad_norm/epoch{epoch}"] = norm.float()
+            # FSDP2: the norm is a DTensor; its full value is a plain tensor (what stack and tolist take)
+            logged[f"update/grad_norm/epoch{epoch}"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
         logged["adv/abs_mean"] = torch.stack([x.abs().mean() for x in advs]).mean()
         # NOTE(sync): one host read for all the logged numbers of the update
         out.update(zip(logged, torch.stack(list(logged.values())).tolist()))
