@@ -185,11 +185,6 @@ class Chooser:
         except OSError:
             pass  # a read-only home: the in-memory verdicts still serve this process
 
-    def forget(self) -> None:
-        with self._lock:
-            self._choices.clear()
-            self._files.clear()
-
 
 _CHOOSER: Chooser | None = None
 

@@ -77,11 +77,16 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step: a reader (or a crash) sees the old content or the new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -178,7 +183,7 @@ def save(
         else:
             os.replace(tmp, final)
         _fsync(root)
-        _atomic_write_text(root / LATEST, final.name)
+        atomic_write_text(root / LATEST, final.name)
         prune(root, keep, protect=final)
     dist_utils.barrier()
     return final if is_main else None
@@ -397,7 +402,7 @@ def claim_run_dir(run_dir: str | Path, *, resume_from: Path | None = None, overw
             for p in newer:
                 shutil.rmtree(p, ignore_errors=True)
             if newer:
-                _atomic_write_text(ckpts / LATEST, resume_from.name)
+                atomic_write_text(ckpts / LATEST, resume_from.name)
         remove_stale_temporaries(ckpts)
     except BaseException:
         lock.release()

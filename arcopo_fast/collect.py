@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 def parse_args(argv=None) -> argparse.Namespace:
     ap = cli.config_parser("python -m arcopo_fast.collect", __doc__, argv)
     ap.add_argument("--overwrite", action="store_true",
-                    help="collect again into a buffer folder that already holds a collection (it is replaced)")
+                    help="collect again into a buffer folder that already holds a collection (it is replaced; "
+                         "without this flag such a folder is refused)")
     ap.add_argument("--allow-pickle", action="store_true",
                     help="load a TRUSTED legacy model.checkpoint holding pickled Python objects (unpickling runs "
                          "code, so never use it on files from elsewhere)")
@@ -44,16 +45,33 @@ def main(argv=None) -> int:
         print(cli.config_yaml(cfg), end="")
         return 0
     from . import distributed
+    from .checkpointing import RunLockedError
+    from .rewards import RewardError
+    from .rl.replay import INDEX, ReplayBuffer
     from .trainer import Trainer
 
     root = Path(cfg.replay.buffer or Path(cfg.run.out_dir) / "replay_buffer").expanduser()
+    if ReplayBuffer.exists(root) and not args.overwrite:
+        print(f"error: replay buffer {root} already holds a collection ({INDEX}): choose another replay.buffer, "
+              "or pass --overwrite to collect it again (the collection is replaced)", file=sys.stderr)
+        return 2
     # An on-policy trainer object (so nothing is collected implicitly) with its own run folder inside the
     # buffer: collecting never touches a training run's files.
     cfg.run.mode = "on-policy"
     cfg.run.out_dir = str(root / "collect_run")
     try:
-        trainer = Trainer(cfg, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
-        trainer.collect_buffer(root, cfg.replay.buffer_groups)
+        try:  # the same refusals as train: a clear line, no traceback
+            trainer = Trainer(cfg, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
+        except (ValueError, OSError, RunLockedError, RewardError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        try:
+            trainer.collect_buffer(root, cfg.replay.buffer_groups)
+        except RewardError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        finally:
+            trainer.close()
     finally:
         distributed.shutdown()
     if trainer.dist.is_main:

@@ -454,7 +454,7 @@ def import_strings(d: dict) -> set[str]:
     return {e["name"] for e in rewards if isinstance(e, dict) and isinstance(e.get("name"), str) and ":" in e["name"]}
 
 
-def _resolve(tp, owner=None):
+def _resolve(tp):
     if isinstance(tp, str):
         return eval(tp, globals())  # noqa: S307 - our own annotations only
     return tp

@@ -28,17 +28,21 @@ BUILTIN_PROMPTS = (
 )
 
 
+def read_prompt_file(path: str | Path, option: str) -> list[str]:
+    """A prompt file (train's data.prompts, sample's --prompts-file, evaluate's --prompts): one prompt per
+    line; blank lines and lines starting with '#' are skipped. Errors name `option`."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{option}: file {p} does not exist")
+    prompts = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if not prompts:
+        raise ValueError(f"{option}: {p} holds no prompt (one per line)")
+    return prompts
+
+
 class PromptSet:
     def __init__(self, prompts_file: str | None, seed: int):
-        if prompts_file is None:
-            self.prompts = list(BUILTIN_PROMPTS)
-        else:
-            path = Path(prompts_file).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"data.prompts: file {path} does not exist")
-            self.prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-            if not self.prompts:
-                raise ValueError(f"data.prompts: {path} holds no prompt (one per line)")
+        self.prompts = list(BUILTIN_PROMPTS) if prompts_file is None else read_prompt_file(prompts_file, "data.prompts")
         g = torch.Generator().manual_seed(seed)
         self.order = torch.randperm(len(self.prompts), generator=g).tolist()
 

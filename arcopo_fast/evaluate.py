@@ -54,7 +54,8 @@ def evaluate(
     if len(per_prompt) != len(prompts) or not all(per_prompt):
         raise ValueError(f"seeds: need noise ids for every prompt ({len(prompts)} prompts), got {seeds!r:.200}")
     reward = CompositeReward(reward_specs)
-    pipeline.check_inputs(list(prompts), height, width, num_frames, seeds=[ids[0] for ids in per_prompt])
+    for prompt, ids in zip(prompts, per_prompt):  # every argument, before the first video is generated
+        pipeline.check_inputs([prompt] * len(ids), height, width, num_frames, seeds=ids)
     rows = []
     t0 = time.perf_counter()
     for pi, (prompt, seeds) in enumerate(zip(prompts, per_prompt)):
@@ -68,6 +69,17 @@ def evaluate(
     keys = [k for k in rows[0] if k not in ("prompt", "seed")]
     means = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     return {"rows": rows, "means": means, "num_videos": len(rows), "seconds": time.perf_counter() - t0}
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--seeds: a comma list of non-negative ints."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds must be a comma list of non-negative integers, got {text!r}") from None
+    if any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds must be non-negative, got {text!r}")
+    return seeds
 
 
 def markdown_table(results: dict[str, dict]) -> str:
@@ -111,25 +123,34 @@ def main(argv=None) -> int:
             if not path.is_file():
                 print(f"error: --compare: {path} does not exist", file=sys.stderr)
                 return 2
+            try:
+                res = json.loads(path.read_text())
+                if not isinstance(res, dict) or not isinstance(res.get("means"), dict):
+                    raise ValueError("no 'means' table")
+            except ValueError as e:
+                print(f"error: --compare: {path} is not an evaluate results.json ({e})", file=sys.stderr)
+                return 2
             name = path.parent.name or path.stem
-            results[name if name not in results else f"{name}#{len(results) + 1}"] = json.loads(path.read_text())
+            results[name if name not in results else f"{name}#{len(results) + 1}"] = res
         table = markdown_table(results)
         (out / "comparison.md").write_text(table)
         print(table)
         return 0
 
+    from .data import read_prompt_file
     from .rewards import parse_reward_list
     from .sample import build_pipeline, video_size
 
     try:
         specs = parse_reward_list(args.rewards)
-        prompts = DEFAULT_EVAL_PROMPTS if not args.prompts else [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
+        prompts = DEFAULT_EVAL_PROMPTS if not args.prompts else read_prompt_file(args.prompts, "--prompts")
+        seeds = parse_seeds(args.seeds)
         pipe = build_pipeline(args, model_seed=args.model_seed)
         pipe.set_progress_bar_config(disable=True)
         height, width, num_frames = video_size(args, pipe)
         res = evaluate(
             pipeline=pipe, prompts=list(prompts), reward_specs=specs, height=height, width=width,
-            num_frames=num_frames, seeds=[int(s) for s in args.seeds.split(",")],
+            num_frames=num_frames, seeds=seeds,
             video_dir=out / "videos" if args.save_videos else None,
         )
     except (FileNotFoundError, ValueError, TypeError) as e:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -40,6 +41,8 @@ adapter_dir = adapters.resolve_adapter_dir
 def _adapter_scales(semi: str | None, on: str | None, scale: float) -> list[tuple[str, Path, float]]:
     if semi is None and on is None:
         raise ValueError("give at least one of --semi and --on")
+    if not math.isfinite(scale):
+        raise ValueError(f"--scale must be a finite number (the on-policy adapter's weight s), got {scale}")
     return [(name, adapter_dir(path), s) for name, path, s in (("semi", semi, 1.0), ("on", on, scale)) if path is not None]
 
 

@@ -22,6 +22,7 @@ load_generator (the sample/evaluate CLIs' loader of arcopo_fast's own files) ret
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -271,6 +272,8 @@ class StreamingPipeline:
     def load_lora_weights(self, path: str | Path, scale: float = 1.0, adapter_name: str | None = None) -> str:
         """Add a LoRA adapter (a peft adapter folder as arcopo_fast saves it, a training checkpoint or a run
         directory) at `scale`: W = W0 + sum over loaded adapters of scale * dW. Returns its name."""
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
         name = adapter_name or f"lora{len(self._lora_scales)}"
         if name in self._lora_scales:
             raise ValueError(f"adapter_name {name!r} is already loaded; unload_lora_weights() first")
@@ -428,9 +431,6 @@ class StreamingPipeline:
             yield pending()
 
 
-Generator = StreamingPipeline  # the name load_generator's result had before
-
-
 def _check_output_type(output_type: str) -> None:
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -515,7 +515,3 @@ def load_generator(
         pipe.load_lora_weights(path, scale=scale, adapter_name=f"a{i}")
     return pipe
 
-
-def load_base_model(path: str, *, device, dtype, ema=None) -> CausalWanModel:
-    """Any supported checkpoint format, including a run's base_model.safetensors (+ its JSON config)."""
-    return _load_dit(path, device, dtype, ema)

@@ -107,7 +107,7 @@ def _attention_shape(ctx: Ctx):
     return (4, 4680, 32760, 12, 128) if ctx.shape == "1.3b" else (1, 64, 256, 2, 32)
 
 
-def _attention_impls(ctx: Ctx, grad: bool) -> list[str]:
+def _attention_impls(ctx: Ctx) -> list[str]:
     names = ops.attention_candidates(ctx.device)
     if not ctx.cuda:
         names = [n for n in names if n != "triton"]
@@ -120,7 +120,7 @@ def chunk_attention_fwd(ctx: Ctx) -> list[dict]:
     q, k, v = (_rand(ctx, B, Lq, H, D) for _ in range(3))
     kc, vc = _rand(ctx, B, Lk, H, D), _rand(ctx, B, Lk, H, D)  # room for the chunk after the past
     impls = {}
-    for name in _attention_impls(ctx, grad=False):
+    for name in _attention_impls(ctx):
         impls[name] = lambda n=name: ops.chunk_attention(q, k, v, kc, vc, past, backend=n, cache_scratch=True)
     with torch.no_grad():
         return _compare(ctx, "chunk_attention_fwd", impls, "triton", ["sdpa_cudnn", "sdpa_flash", "flex", "torch"],
@@ -138,7 +138,7 @@ def pivot_fwd_bwd(ctx: Ctx) -> list[dict]:
         out = ops.chunk_attention(q, k, v, kc, vc, past, backend=n)
         return torch.autograd.grad(out, (q, k, v), do)
 
-    impls = {n: (lambda n=n: run(n)) for n in _attention_impls(ctx, grad=True) if n != "flash_attn"}
+    impls = {n: (lambda n=n: run(n)) for n in _attention_impls(ctx) if n != "flash_attn"}
     return _compare(ctx, "pivot_fwd_bwd", impls, "triton", ["sdpa_cudnn", "sdpa_flash", "flex", "torch"],
                     B=B, Lq=Lq, Lk=Lk, H=H, D=D, dtype=str(ctx.dtype))
 
@@ -251,7 +251,6 @@ def _video_once(s, cross) -> tuple[float, float]:
 def video(ctx: Ctx) -> list[dict]:
     with _bench_modules():
         e2e = importlib.import_module("e2e_common")
-        from .pipeline import Generator
         from .sampler import latent_frames_to_video_frames
 
         rows = []
@@ -265,8 +264,7 @@ def video(ctx: Ctx) -> list[dict]:
                 _video_once(s, cross)  # warm-up: compilation, autotuning, CUDA graph capture
                 warm = time.perf_counter() - t0
                 dit_s, first = _video_once(s, cross)
-                gen = Generator(s.model, s.sampler, None, s.vae)
-                gen.cross = lambda prompts, cross=cross: cross
+                gen = e2e.streaming_pipeline(s, cross)
                 t1 = time.perf_counter()
                 n = sum(c.shape[1] for c in gen.stream_video(["x"], num_chunks=s.num_chunks, latent_hw=s.latent_hw))
                 ctx.sync()

@@ -103,13 +103,12 @@ def video_size(args, pipe) -> tuple[int, int, int]:
 
 
 def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
-    """--prompt values, then --prompts-file's non-empty lines (ValueError when there are none)."""
+    """--prompt values, then --prompts-file's prompts (data.read_prompt_file; ValueError when there are none)."""
+    from .data import read_prompt_file
+
     out = list(prompts or [])
     if prompts_file:
-        path = Path(prompts_file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompts-file: {path} does not exist")
-        out += [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        out += read_prompt_file(prompts_file, "--prompts-file")
     if not out:
         raise ValueError("give --prompt (repeatable) or --prompts-file")
     return out

@@ -93,7 +93,8 @@ class FewStepSchedule:
 @dataclass
 class ChunkTrajectory:
     """What one chunk's denoising saw: the input latent of every step (x_{c,k}) and the model's x0
-    prediction at each step (x0hat_{c,k}); each list has T tensors [B, F, C, H, W] float32."""
+    prediction at each step (x0hat_{c,k}); each list has T tensors [B, F, C, H, W] float32 when recorded,
+    else only the last step's (denoise_chunk(record=False))."""
 
     inputs: list[torch.Tensor] = field(default_factory=list)
     x0: list[torch.Tensor] = field(default_factory=list)

@@ -51,7 +51,7 @@ from .profiling import maybe_profile, nvtx_range
 from .rewards.base import RewardError
 from .rl import sde_grpo
 from .rl.loss import group_advantages
-from .rl.replay import ReplayBuffer, weights_digest, write_group, write_index
+from .rl.replay import INDEX, ReplayBuffer, weights_digest, write_group, write_index
 from .rl.rollout import GroupSample, RolloutEngine
 from .rl.update import group_loss, sample_anchors
 from .sampler import StreamingSampler
@@ -421,6 +421,7 @@ class Trainer:
         advs = [group_advantages(s.rewards.to(self.device), eps=a.adv_eps, quasi_norm_q=a.quasi_norm_q) for s in samples]
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (o.autocast_bf16 and self.device.type == "cuda") else contextlib.nullcontext()
         out: dict[str, float] = {"lr": lr, "skipped_steps": 0}
+        logged: dict[str, torch.Tensor] = {}  # device scalars, read back once after the last step
         n = len(samples)
         for epoch in range(a.epochs):
             self.optimizer.zero_grad(set_to_none=True)
@@ -444,14 +445,16 @@ class Trainer:
             else:
                 out["skipped_steps"] += 1
                 self.optimizer.zero_grad(set_to_none=True)
-            mean = {k: float(torch.stack([st[k] for st in stats]).float().mean()) for k in stats[0]}
-            for k, v in mean.items():
-                out[f"update/{k}/epoch{epoch}"] = v
-            out[f"update/grad_norm/epoch{epoch}"] = float(norm)
+            for k in stats[0]:
+                logged[f"update/{k}/epoch{epoch}"] = torch.stack([st[k] for st in stats]).float().mean()
+            # FSDP2: the norm is a DTensor; its full value is a plain tensor (what stack and tolist take)
+            logged[f"update/grad_norm/epoch{epoch}"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
+        logged["adv/abs_mean"] = torch.stack([x.abs().mean() for x in advs]).mean()
+        # NOTE(sync): one host read for all the logged numbers of the update
+        out.update(zip(logged, torch.stack(list(logged.values())).tolist()))
         for k in ("loss", "ratio_mean", "ratio_max_dev", "clip_frac", "kl"):
             out[f"update/{k}"] = out[f"update/{k}/epoch{a.epochs - 1}"]
         out["update/grad_norm"] = out[f"update/grad_norm/epoch{a.epochs - 1}"]
-        out["adv/abs_mean"] = float(torch.stack([x.abs().mean() for x in advs]).mean())
         return out
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -517,14 +520,20 @@ class Trainer:
             videos = videos.cpu()
         video = videos[0] if len(prompts) == 1 else tile_videos(videos, scale=2 if videos.shape[-1] <= 128 else 1)
         out = self.run_dir / "samples"
+        self.record_sample_scores(tag, iteration, total, comps)
+        mp4 = write_mp4(out / f"{tag}.mp4", video, fps=16)
+        write_contact_sheet(out / f"{tag}.png", video)
+        self.log.log_video("samples", iteration, video, fps=16, mp4=mp4)
+
+    def record_sample_scores(self, tag: str, iteration: int, total: torch.Tensor, comps: dict[str, torch.Tensor]) -> None:
+        """Add the sample videos' mean rewards under `tag` to samples/scores.json (replaced atomically: every
+        later write_samples and the end of the run read it back)."""
+        out = self.run_dir / "samples"
         out.mkdir(exist_ok=True)
         scores = self.sample_scores()
         scores[tag] = {"iteration": iteration, "reward": float(total.mean()),
                        **{k: float(v.float().mean()) for k, v in comps.items()}}
-        (out / "scores.json").write_text(json.dumps(scores, indent=2))
-        mp4 = write_mp4(out / f"{tag}.mp4", video, fps=16)
-        write_contact_sheet(out / f"{tag}.png", video)
-        self.log.log_video("samples", iteration, video, fps=16, mp4=mp4)
+        checkpointing.atomic_write_text(out / "scores.json", json.dumps(scores, indent=2))
 
     def sample_scores(self) -> dict[str, dict[str, float]]:
         """samples/scores.json: the training reward of the sample videos per tag (write_samples)."""
@@ -579,8 +588,12 @@ class Trainer:
             # would not continue the run. A signal during this save aborts it (its temporary folder is
             # removed by the next save).
             if not self.dist.enabled and completed > last_saved and not self._torn:
-                with contextlib.suppress(Exception):
+                try:
                     self.save(completed)
+                except Exception as e:  # noqa: BLE001 - the run's own error is the one to raise
+                    kept = f"the last checkpoint is iteration {last_saved}" if last_saved else "no checkpoint was written"
+                    logger.warning("the run failed after iteration %d and saving it failed too (%s: %s): %s",
+                                   completed, type(e).__name__, e, kept)
             raise
         finally:
             bar.close()
@@ -655,6 +668,11 @@ class Trainer:
         them compactly (rl/replay.py). Groups are sharded across ranks; rank 0 writes the index."""
         root = Path(root).expanduser()
         store = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.replay.store_dtype]
+        if self.dist.is_main:
+            # Collecting again rewrites group files: drop the old index first, so that an interrupted collection
+            # leaves no buffer rather than an index whose records and settings describe other tensors.
+            (root / INDEX).unlink(missing_ok=True)
+        dist_utils.barrier()
         mine = list(range(self.dist.rank, num_groups, self.dist.world_size))
         records = []
         self._reward_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None

@@ -67,6 +67,17 @@ def cross_for(s: Setup, batch: int = 1):
         return s.model.encode_text(ctx)
 
 
+def streaming_pipeline(s: Setup, cross):
+    """A StreamingPipeline over the set-up's model, sampler (its compile mode and warmed-up graphs) and VAE,
+    whose text is `cross` (the benchmarks have no text encoder): its stream_video is what `sample` runs."""
+    from arcopo_fast.pipeline import StreamingPipeline
+
+    pipe = StreamingPipeline(s.model, None, s.vae)
+    pipe.sampler = s.sampler
+    pipe.cross = lambda prompts: cross
+    return pipe
+
+
 @contextlib.contextmanager
 def backend(name: str):
     """Run ops with one backend ('torch' = the plain SDPA/eager path, 'triton' = our kernels)."""

@@ -210,3 +210,12 @@ def test_arch_list_covers_arch_specific_and_ptx_builds():
     assert doctor.arch_list_covers("10.0f", "10.0")
     assert not doctor.arch_list_covers("8.0;8.6", "9.0")
     assert not doctor.arch_list_covers("9.0+PTX", "8.6")  # PTX never runs backward
+
+
+def test_bench_video_item_runs_on_cpu(tiny_assets):
+    # The video item builds a StreamingPipeline around the benchmark's sampler: an error row (e.g. a
+    # constructor called with another signature) would only show up in the report, never as a failure.
+    rows = quickbench.run(torch.device("cpu"), 60.0, only=["video"])
+    assert not [r for r in rows if "error" in r or "skipped" in r], rows
+    row = next(r for r in rows if r.get("impl") == "torch")
+    assert row["frames"] > 0 and row["fps_e2e"] > 0 and row["dit_s"] > 0

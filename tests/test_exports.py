@@ -162,3 +162,12 @@ def test_merged_weights_as_diffusers_folder_and_self_forcing_pt(files, tmp_path)
         assert any(re.fullmatch(pattern + r"(\.weight|\.bias)?", n) for n in names), pattern
     assert all(any(re.fullmatch(p + r"(\.weight|\.bias)?", n) for p in layout) for n in names)
     close(ours(load_model(tmp_path / "merged.pt"), x, t, ctx), want)
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf"])
+def test_merge_refuses_a_scale_that_is_not_finite(files, tmp_path, capsys, scale):
+    # W0 + s * dW with s = nan / inf would be written as a checkpoint that every loader then refuses
+    argv = ["--base", str(files["base"]), "--on", str(files["on"]), "--scale", scale, "--out", str(tmp_path / "m.safetensors")]
+    assert merge_main(argv) == 2
+    assert "--scale" in capsys.readouterr().err and not (tmp_path / "m.safetensors").exists()
+

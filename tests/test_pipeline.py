@@ -122,6 +122,13 @@ def test_lora_load_and_unload_restore_the_outputs_exactly(pipe, frames, tmp_path
     assert torch.equal(pipe(PROMPTS, **kw).frames, frames)
 
 
+def test_lora_scale_must_be_finite(pipe, tmp_path):
+    for scale in (float("nan"), float("inf"), "0.5"):
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            pipe.load_lora_weights(tmp_path / "adapter", scale=scale)
+    assert not adapters.lora_layers(pipe.model)
+
+
 def test_progress_bar_per_chunk_and_silenced(pipe, capsys):
     pipe.set_progress_bar_config(disable=False, desc="gen")
     try:

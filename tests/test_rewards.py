@@ -123,8 +123,10 @@ def test_sample_frame_indices():
     assert sample_frame_indices(81, 4) == [0, 27, 53, 80]
     assert sample_frame_indices(3, 8) == [0, 1, 2]
     assert sample_frame_indices(9, 1) == [4]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="sampled frames must be >= 1"):
         sample_frame_indices(5, 0)
+    with pytest.raises(ValueError, match="num_frames must be >= 1"):
+        sample_frame_indices(0, 3)
 
 
 # ---------------------------------------------------------------------------------- composite + specs

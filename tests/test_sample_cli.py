@@ -131,3 +131,37 @@ def test_default_sizes_follow_the_model(tmp_path, monkeypatch):
     tiny = SimpleNamespace(model=SimpleNamespace(cfg=get_preset("tiny")))
     assert video_size(ap.parse_args([]), tiny) == (64, 64, 81)
     assert video_size(ap.parse_args(["--height", "96", "--num-frames", "21"]), Stub()) == (96, 832, 21)
+
+
+def test_evaluate_refuses_bad_options_before_building_the_generator(tmp_path, monkeypatch, capsys):
+    import arcopo_fast.sample as sample
+    from arcopo_fast.evaluate import evaluate
+    from arcopo_fast.evaluate import main as evaluate_main
+
+    built = []
+    monkeypatch.setattr(sample, "build_pipeline", lambda args, model_seed=0: built.append(1))
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "bad.json").write_text("{not json")
+    cases = [(["--seeds", "0,x"], "--seeds"), (["--seeds", "0,-1"], "--seeds"),
+             (["--prompts", str(tmp_path / "missing.txt")], "--prompts"), (["--prompts", str(tmp_path / "empty.txt")], "--prompts"),
+             (["--compare", str(tmp_path / "bad.json")], "bad.json")]  # fmt: skip
+    for argv, named in cases:
+        assert evaluate_main(["--out", str(tmp_path / "ev"), *argv]) == 2, argv
+        assert named in capsys.readouterr().err, argv
+    assert not built
+
+    # every prompt's noise ids are checked before the first video is generated
+    class Stub:
+        calls = []
+
+        def check_inputs(self, prompts, height, width, num_frames, seed=0, seeds=None):
+            if any(s < 0 for s in seeds):
+                raise ValueError(f"seeds must be non-negative, got {seeds}")
+
+        def __call__(self, prompts, **kw):
+            self.calls.append(prompts)
+
+    with pytest.raises(ValueError, match="non-negative"):
+        evaluate(pipeline=Stub(), prompts=["a", "b"], reward_specs=["brightness"], height=32, width=32, num_frames=9,
+                 seeds=[[0], [1, -1]])
+    assert Stub.calls == []

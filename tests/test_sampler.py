@@ -19,7 +19,7 @@ def test_schedule_matches_self_forcing_numbers():
     assert FewStepSchedule(warp=False).timesteps() == [1000.0, 750.0, 500.0, 250.0]
     assert forwards_per_video(7, 4) == 34
     for bad in (dict(denoising_steps=()), dict(denoising_steps=(500, 750)), dict(shift=0.0), dict(context_noise=-1)):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=next(iter(bad))):  # the message names the field
             FewStepSchedule(**bad)
 
 

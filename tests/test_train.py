@@ -253,6 +253,34 @@ def test_non_finite_loss_skips_the_step_and_leaves_the_weights_alone(tmp_path):
     assert all(torch.equal(before[n], p) for n, p in t.model.named_parameters() if p.requires_grad)
 
 
+def test_update_reads_the_device_once_per_step_and_once_for_the_logs(tmp_path, monkeypatch):
+    # Each optimizer step needs one host read (apply or skip it); the logged numbers are read back once, at
+    # the end: a read per statistic after each step would stall the next epoch behind the optimizer.
+    cfg = load_config("tiny", None, tiny(tmp_path / "s", "run.iterations=0", "algo.epochs=3"))
+    t = Trainer(cfg)
+    pool = __import__("concurrent.futures").futures.ThreadPoolExecutor(1)
+    samples, crosses, _ = t.rollout_groups(0, pool)
+    reads = []  # host reads made by the trainer's own code (torch's CPU-side optimizer bookkeeping aside)
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *a):
+            if sys._getframe(1).f_code.co_filename.endswith(os.path.join("arcopo_fast", "trainer.py")):
+                reads.append(name)
+            return real(self, *a)
+
+        return read
+
+    for name in ("__float__", "__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    out = t.update(0, samples, crosses)
+    monkeypatch.undo()
+    assert len(reads) == cfg.algo.epochs + 1, reads
+    assert out["skipped_steps"] == 0 and out["update/grad_norm"] == out["update/grad_norm/epoch2"]
+    assert {f"update/{k}/epoch{e}" for k in ("loss", "kl", "clip_frac") for e in range(3)} <= set(out)
+
+
 def test_observability_outputs(tmp_path):
     out = tmp_path / "obs"
     summary, _ = train(out, "run.iterations=2", "run.tensorboard=true", "run.sample_videos=true", "run.profile=true")

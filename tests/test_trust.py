@@ -353,6 +353,49 @@ def test_an_interrupt_during_a_rollout_saves_the_completed_iterations(tmp_path):
     assert rows(out) == [0]
 
 
+def test_a_failed_save_after_a_failure_is_reported_not_hidden(tmp_path, caplog):
+    # The emergency save of the completed iterations may fail too (a full disk): the run's own error still
+    # propagates, and the log says that the completed iterations were not saved.
+    t = Trainer(tiny_cfg(tmp_path / "f", "run.iterations=3", "run.checkpoint_every=5"))
+    real, calls = t.engine.rollout, []
+
+    def rollout(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    def full_disk(iteration):
+        raise OSError(28, "No space left on device")
+
+    t.engine.rollout, t.save = rollout, full_disk
+    with caplog.at_level("WARNING", logger="arcopo_fast.trainer"), pytest.raises(KeyboardInterrupt):
+        t.run()
+    assert "No space left on device" in caplog.text and "iteration 1" in caplog.text
+
+
+def test_a_failed_write_of_the_sample_scores_keeps_the_previous_file(tmp_path, monkeypatch):
+    # samples/scores.json is read again by every later write_samples and at the end of the run: a file cut
+    # short by a full disk would make the run (and each resume of it) fail when it finishes.
+    t = Trainer(tiny_cfg(tmp_path / "sc", "run.iterations=0"))
+    try:
+        t.record_sample_scores("before", 0, torch.tensor([0.5, 0.7]), {"MeanRed/red": torch.tensor([0.5, 0.7])})
+        real = Path.write_text
+
+        def full_disk(self, text, *a, **k):
+            real(self, text[: len(text) // 2])
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(Path, "write_text", full_disk)
+        with pytest.raises(OSError, match="No space"):
+            t.record_sample_scores("after", 2, torch.tensor([0.9]), {})
+        monkeypatch.undo()
+        assert t.sample_scores() == {"before": {"iteration": 0, "reward": pytest.approx(0.6), "MeanRed/red": pytest.approx(0.6)}}
+        assert [p.name for p in (tmp_path / "sc" / "samples").iterdir()] == ["scores.json"]  # no temporary left
+    finally:
+        t.close()
+
+
 def test_a_reward_that_hangs_times_out_naming_it(tmp_path):
     out = tmp_path / "slow"
     cfg = tiny_cfg(out, "run.iterations=3", "reward.timeout=2",
@@ -467,6 +510,40 @@ def test_replay_index_paths_stay_inside_the_buffer(tmp_path):
     _fake_buffer(tmp_path / "c", file="group_000007.safetensors")  # missing: found when opened, not drawn
     with pytest.raises(ValueError, match="group_000007.safetensors"):
         ReplayBuffer(tmp_path / "c")
+
+
+def test_collect_refuses_a_buffer_that_exists_without_overwrite(tmp_path, capsys):
+    from arcopo_fast.collect import main as collect_main
+
+    _fake_buffer(tmp_path / "buf")
+    before = (tmp_path / "buf" / "index.json").read_text()
+    rc = collect_main(tiny_overrides(f"replay.buffer={tmp_path / 'buf'}", "replay.buffer_groups=1"))
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "buf" / "index.json").read_text() == before and not (tmp_path / "buf" / "collect_run").exists()
+    # what the Trainer refuses (here: its run folder is a file) is one error line too, as in train
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "collect_run").write_text("")
+    assert collect_main(tiny_overrides(f"replay.buffer={tmp_path / 'new'}")) == 2
+    assert "run.out_dir" in capsys.readouterr().err
+
+
+def test_a_failed_collection_leaves_no_index_over_new_group_files(tmp_path):
+    # Collecting again (collect --overwrite) rewrites group files: the old index must be gone first, or a
+    # crash would leave an index whose records (and settings) describe other tensors than the files hold.
+    _fake_buffer(tmp_path / "buf")
+    t = Trainer(tiny_cfg(tmp_path / "buf" / "collect_run", "run.iterations=0"))
+
+    def crash(*args, **kwargs):
+        assert not (tmp_path / "buf" / "index.json").exists()  # removed before the first rollout
+        raise RuntimeError("killed mid-collection")
+
+    t.engine.rollout = crash
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            t.collect_buffer(tmp_path / "buf", 2)
+    finally:
+        t.close()
+    assert not (tmp_path / "buf" / "index.json").exists()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from .assets import read_prompts  # noqa: F401 - the prompts measured on (tests 
 
 
 def load_toy_generator(root: str | Path | None = None, *, seed: int = 0, checkpoint: str | Path | None = None):
-    """The shipped toy generator (arcopo_fast.pipeline.Generator) with its sampler schedule."""
+    """The shipped toy generator (a StreamingPipeline, see pipeline.load_generator) with its sampler schedule."""
     from ..pipeline import load_generator
     from ..sampler import FewStepSchedule
 
