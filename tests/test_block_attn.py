@@ -462,3 +462,46 @@ def test_cuda_graph_capture_with_device_lengths():
     exact = ref.chunk_attention_ref(q.double(), k.double(), v.double(), kc, vc, clen, rows)[0]
     lowp = ref.chunk_attention_ref(q, k, v, kc, vc, clen, rows, upcast=False)[0]
     check("graph replay", out, exact, lowp)
+
+
+def _bwd_candidates():
+    return [(op, kind, t) for op in ("chunk", "causal")
+            for kind, table in (("dq", ba.BWD_DQ_CONFIGS), ("dkdv", ba.BWD_DKDV_CONFIGS)) for t in table[128]]
+
+
+@pytest.mark.parametrize("op,kind,tile", _bwd_candidates(),
+                         ids=lambda x: x if isinstance(x, str) else "x".join(map(str, x)))
+def test_backward_candidate_tiles_under_interpreter(monkeypatch, op, kind, tile):
+    """Each D = 128 backward candidate the card's autotuner may pick, pinned and run by the interpreter
+    through the GPU launch path: chunk attention (tiles larger than the chunk, key tiles across the prefix /
+    cache / own boundaries, per-row cache lengths and rows) and block-causal attention (chunk edges inside
+    tiles). Gradients against float64 (the 2x rule)."""
+    if not INTERPRET:
+        pytest.skip("pins one tile through the GPU launch path under the interpreter")
+    import triton
+
+    monkeypatch.setattr(ba, "_gpu_tiles", lambda: True)
+    bm, bn, w, s = tile
+    small = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
+    pinned = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
+    for tuned in (ba._chunk_attn_fwd_tuned, ba._block_causal_fwd_tuned, ba._chunk_attn_bwd_dq_tuned,
+                  ba._block_causal_bwd_dq_tuned, ba._dkdv_tuned):
+        monkeypatch.setattr(tuned, "configs", small)
+    dq_tuned = ba._chunk_attn_bwd_dq_tuned if op == "chunk" else ba._block_causal_bwd_dq_tuned
+    monkeypatch.setattr(dq_tuned if kind == "dq" else ba._dkdv_tuned, "configs", pinned)
+    if op == "chunk":
+        case = ("tile", 2, 70, 1, 128, torch.bfloat16, (2, 90, [90, 33], [1, 0]), (1, 40, 17, [0, 0]))
+        q, k, v, args, do = _chunk_case(case, seed=21)
+        ours, exact, lowp = run_three(
+            lambda q_, k_, v_: ba.chunk_attention(q_, k_, v_, *args),
+            lambda q_, k_, v_, up: ref.chunk_attention_ref(q_, k_, v_, *args, upcast=up)[0],
+            q, k, v, do,
+        )
+    else:
+        q, k, v, C, do = _causal_case(("tile", 1, 150, 1, 128, 48, torch.bfloat16), seed=22)
+        ours, exact, lowp = run_three(
+            lambda q_, k_, v_: ba.block_causal_attention(q_, k_, v_, C),
+            lambda q_, k_, v_, up: ref.block_causal_attention_ref(q_, k_, v_, C, upcast=up)[0],
+            q, k, v, do,
+        )
+    check_all(f"{op} {kind} {tile}", ours, exact, lowp)

@@ -326,3 +326,44 @@ def test_allocator_installed_only_when_none_is_set():
         assert _allocator.get() is mine
 
     contextvars.copy_context().run(body)
+
+
+def _bwd_candidates():
+    return [(op, kind, t) for op in ("chunk", "causal")
+            for kind, table in (("dq", ba.BWD_DQ_CONFIGS), ("dkdv", ba.BWD_DKDV_CONFIGS)) for t in table[128]]
+
+
+@pytest.mark.parametrize("op,kind,tile", _bwd_candidates(),
+                         ids=lambda x: x if isinstance(x, str) else "x".join(map(str, x)))
+def test_tma_backward_candidate_tiles_under_interpreter(monkeypatch, op, kind, tile):
+    """Each D = 128 backward candidate of the TMA dq / dk-dv autotuners, pinned and run by the interpreter
+    through the GPU launch path: chunk attention with NaN past the cache lengths (tiles larger than the
+    chunk, key tiles across segment boundaries) and block-causal attention with chunk edges inside tiles.
+    Gradients against float64."""
+    if not INTERPRET:
+        pytest.skip("pins one tile through the GPU launch path under the interpreter")
+    import triton
+
+    monkeypatch.setattr(ba, "_gpu_tiles", lambda: True)
+    bm, bn, w, s = tile
+    small = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
+    pinned = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
+    tuners = (bt._chunk_attn_fwd_tma_tuned, bt._block_causal_fwd_tma_tuned, bt._chunk_attn_bwd_dq_tma_tuned,
+              bt._block_causal_bwd_dq_tma_tuned, bt._dkdv_tma_tuned)
+    for tuned in tuners:
+        monkeypatch.setattr(tuned, "configs", small)
+    dq_tuned = bt._chunk_attn_bwd_dq_tma_tuned if op == "chunk" else bt._block_causal_bwd_dq_tma_tuned
+    monkeypatch.setattr(dq_tuned if kind == "dq" else bt._dkdv_tma_tuned, "configs", pinned)
+    if op == "chunk":
+        case = ("tile", 2, 70, 1, 128, torch.bfloat16, (2, 90, [90, 33], [1, 0]), (1, 40, 17, [0, 0]))
+        q, k, v, args, ref_args, do = _case(case, seed=29)
+        fns = ((lambda a, b, c: ba.chunk_attention(a, b, c, *args, tma=True), None),
+               (lambda a, b, c: ref.chunk_attention_ref(a, b, c, *ref_args, upcast=True)[0], torch.float64),
+               (lambda a, b, c: ref.chunk_attention_ref(a, b, c, *ref_args, upcast=False)[0], None))
+    else:
+        q, k, v, chunk, do = _causal(("tile", 1, 150, 1, 128, torch.bfloat16, 48), seed=31)
+        fns = ((lambda a, b, c: ba.block_causal_attention(a, b, c, chunk, tma=True), None),
+               (lambda a, b, c: ref.block_causal_attention_ref(a, b, c, chunk)[0], torch.float64),
+               (lambda a, b, c: ref.block_causal_attention_ref(a, b, c, chunk, upcast=False)[0], None))
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), *_outputs_and_grads(q, k, v, do, fns)):
+        check(f"{op} {kind} {tile} {name}", a, b, c)
