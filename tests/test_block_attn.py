@@ -9,6 +9,7 @@ same dtype (the naive reference computed in that dtype), plus a tiny absolute sl
 
 from __future__ import annotations
 
+import triton_env  # noqa: E402
 from triton_env import DEVICE, INTERPRET, require_kernel_device, tf32_reference_on_gpu  # noqa: F401 (autouse)
 
 require_kernel_device()  # sets TRITON_INTERPRET=1 (CPU) unless chosen; before triton is imported
@@ -464,13 +465,7 @@ def test_cuda_graph_capture_with_device_lengths():
     check("graph replay", out, exact, lowp)
 
 
-def _bwd_candidates():
-    return [(op, kind, t) for op in ("chunk", "causal")
-            for kind, table in (("dq", ba.BWD_DQ_CONFIGS), ("dkdv", ba.BWD_DKDV_CONFIGS)) for t in table[128]]
-
-
-@pytest.mark.parametrize("op,kind,tile", _bwd_candidates(),
-                         ids=lambda x: x if isinstance(x, str) else "x".join(map(str, x)))
+@pytest.mark.parametrize("op,kind,tile", triton_env.backward_candidates(ba), ids=triton_env.candidate_id)
 def test_backward_candidate_tiles_under_interpreter(monkeypatch, op, kind, tile):
     """Each D = 128 backward candidate the card's autotuner may pick, pinned and run by the interpreter
     through the GPU launch path: chunk attention (tiles larger than the chunk, key tiles across the prefix /
@@ -478,17 +473,11 @@ def test_backward_candidate_tiles_under_interpreter(monkeypatch, op, kind, tile)
     tiles). Gradients against float64 (the 2x rule)."""
     if not INTERPRET:
         pytest.skip("pins one tile through the GPU launch path under the interpreter")
-    import triton
-
     monkeypatch.setattr(ba, "_gpu_tiles", lambda: True)
-    bm, bn, w, s = tile
-    small = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
-    pinned = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
-    for tuned in (ba._chunk_attn_fwd_tuned, ba._block_causal_fwd_tuned, ba._chunk_attn_bwd_dq_tuned,
-                  ba._block_causal_bwd_dq_tuned, ba._dkdv_tuned):
-        monkeypatch.setattr(tuned, "configs", small)
     dq_tuned = ba._chunk_attn_bwd_dq_tuned if op == "chunk" else ba._block_causal_bwd_dq_tuned
-    monkeypatch.setattr(dq_tuned if kind == "dq" else ba._dkdv_tuned, "configs", pinned)
+    triton_env.pin_tiles(monkeypatch, (ba._chunk_attn_fwd_tuned, ba._block_causal_fwd_tuned,
+                                       ba._chunk_attn_bwd_dq_tuned, ba._block_causal_bwd_dq_tuned, ba._dkdv_tuned),
+                         dq_tuned if kind == "dq" else ba._dkdv_tuned, tile)
     if op == "chunk":
         case = ("tile", 2, 70, 1, 128, torch.bfloat16, (2, 90, [90, 33], [1, 0]), (1, 40, 17, [0, 0]))
         q, k, v, args, do = _chunk_case(case, seed=21)

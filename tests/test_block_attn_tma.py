@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 
+import triton_env  # noqa: E402
 from triton_env import DEVICE, INTERPRET, require_kernel_device, tf32_reference_on_gpu  # noqa: F401 (autouse)
 
 require_kernel_device()  # sets TRITON_INTERPRET=1 (CPU) unless chosen; before triton is imported
@@ -328,13 +329,7 @@ def test_allocator_installed_only_when_none_is_set():
     contextvars.copy_context().run(body)
 
 
-def _bwd_candidates():
-    return [(op, kind, t) for op in ("chunk", "causal")
-            for kind, table in (("dq", ba.BWD_DQ_CONFIGS), ("dkdv", ba.BWD_DKDV_CONFIGS)) for t in table[128]]
-
-
-@pytest.mark.parametrize("op,kind,tile", _bwd_candidates(),
-                         ids=lambda x: x if isinstance(x, str) else "x".join(map(str, x)))
+@pytest.mark.parametrize("op,kind,tile", triton_env.backward_candidates(ba), ids=triton_env.candidate_id)
 def test_tma_backward_candidate_tiles_under_interpreter(monkeypatch, op, kind, tile):
     """Each D = 128 backward candidate of the TMA dq / dk-dv autotuners, pinned and run by the interpreter
     through the GPU launch path: chunk attention with NaN past the cache lengths (tiles larger than the
@@ -342,18 +337,12 @@ def test_tma_backward_candidate_tiles_under_interpreter(monkeypatch, op, kind, t
     Gradients against float64."""
     if not INTERPRET:
         pytest.skip("pins one tile through the GPU launch path under the interpreter")
-    import triton
-
     monkeypatch.setattr(ba, "_gpu_tiles", lambda: True)
-    bm, bn, w, s = tile
-    small = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
-    pinned = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
-    tuners = (bt._chunk_attn_fwd_tma_tuned, bt._block_causal_fwd_tma_tuned, bt._chunk_attn_bwd_dq_tma_tuned,
-              bt._block_causal_bwd_dq_tma_tuned, bt._dkdv_tma_tuned)
-    for tuned in tuners:
-        monkeypatch.setattr(tuned, "configs", small)
     dq_tuned = bt._chunk_attn_bwd_dq_tma_tuned if op == "chunk" else bt._block_causal_bwd_dq_tma_tuned
-    monkeypatch.setattr(dq_tuned if kind == "dq" else bt._dkdv_tma_tuned, "configs", pinned)
+    triton_env.pin_tiles(monkeypatch, (bt._chunk_attn_fwd_tma_tuned, bt._block_causal_fwd_tma_tuned,
+                                       bt._chunk_attn_bwd_dq_tma_tuned, bt._block_causal_bwd_dq_tma_tuned,
+                                       bt._dkdv_tma_tuned),
+                         dq_tuned if kind == "dq" else bt._dkdv_tma_tuned, tile)
     if op == "chunk":
         case = ("tile", 2, 70, 1, 128, torch.bfloat16, (2, 90, [90, 33], [1, 0]), (1, 40, 17, [0, 0]))
         q, k, v, args, ref_args, do = _case(case, seed=29)

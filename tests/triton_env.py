@@ -72,3 +72,27 @@ def _interpreter_broken() -> str | None:
             _PROBE.append(f"the Triton {triton.__version__} interpreter cannot run a loop with numpy "
                           f"{numpy.__version__} ({type(e).__name__}: {str(e)[:120]}); install numpy<2.4 or a newer triton")
     return _PROBE[0]
+
+
+def backward_candidates(block_attn) -> list[tuple]:
+    """(op, kind, tile) for every D = 128 backward candidate of block_attn's dq / dk-dv autotuners, for chunk
+    ("chunk") and block-causal ("causal") attention; with `candidate_id` as pytest ids."""
+    tables = (("dq", block_attn.BWD_DQ_CONFIGS), ("dkdv", block_attn.BWD_DKDV_CONFIGS))
+    return [(op, kind, t) for op in ("chunk", "causal") for kind, table in tables for t in table[128]]
+
+
+def candidate_id(x) -> str:
+    return x if isinstance(x, str) else "x".join(map(str, x))
+
+
+def pin_tiles(monkeypatch, tuners, pinned_tuner, tile) -> None:
+    """Every autotuner in `tuners` to one small 32x32 config, `pinned_tuner` to `tile` = (BLOCK_M, BLOCK_N,
+    warps, stages): one config each, so the GPU launch path runs under the interpreter without timing."""
+    import triton
+
+    small = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
+    for tuned in tuners:
+        monkeypatch.setattr(tuned, "configs", small)
+    bm, bn, w, s = tile
+    monkeypatch.setattr(pinned_tuner, "configs",
+                        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)])
