@@ -19,7 +19,7 @@ from . import cli
 from . import log as log_setup
 from .config import load_config
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("arcopo_fast.collect")  # not __name__: under `python -m` that is "__main__"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

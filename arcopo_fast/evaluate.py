@@ -25,6 +25,8 @@ from pathlib import Path
 
 from . import log as log_setup
 
+logger = logging.getLogger("arcopo_fast.evaluate")  # not __name__: under `python -m` that is "__main__"
+
 DEFAULT_EVAL_PROMPTS = (
     "a lighthouse beam sweeping across a foggy sea",
     "a cat stretching on a sunny windowsill",
@@ -116,6 +118,7 @@ def main(argv=None) -> int:
         table = markdown_table(results)
         (out / "comparison.md").write_text(table)
         print(table)
+        logger.info("wrote %s", out / "comparison.md")
         return 0
 
     from .rewards import parse_reward_list
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
     table = markdown_table({out.name: res})
     (out / "results.md").write_text(table)
     print(table)
-    logging.getLogger(__name__).info("wrote %s and %s", out / "results.json", out / "results.md")
+    logger.info("wrote %s and %s", out / "results.json", out / "results.md")
     return 0
 
 

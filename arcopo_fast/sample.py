@@ -30,7 +30,7 @@ from .model.vae import MEMORY_FORMATS
 from .profiling import maybe_profile
 from .sampler import COMPILE_MODES
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("arcopo_fast.sample")  # not __name__: under `python -m` that is "__main__"
 
 
 def parse_adapter(text: str) -> tuple[str, float]:

@@ -36,7 +36,7 @@ from .config import (
     parse_override,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("arcopo_fast.train")  # not __name__: under `python -m` that is "__main__"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
