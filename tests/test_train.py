@@ -4,6 +4,7 @@ lose nothing, Ctrl-C, the CLIs, and a 2-rank gloo run."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -59,7 +60,7 @@ def metrics(out: Path) -> list[dict]:
 DETERMINISTIC = lambda row: {k: v for k, v in row.items() if not k.startswith(("time/", "mem/", "branch_videos"))}
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, caplog):
     a, b = tmp_path / "a", tmp_path / "b"
     train(a, "run.iterations=3")
     train(b, "run.iterations=2")
@@ -73,6 +74,13 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     state = checkpointing.read_state(b)
     assert state["iteration"] == 3 and state["adapter"] == "on" and state["data_cursor"] == 3
+    # a resume below the iterations done is refused before anything is written; at them it says so
+    with pytest.raises(ValueError, match=r"run.iterations=2 is below the 3 iterations .* run.iterations=3 or more"):
+        train(b, "run.iterations=2", resume=True)
+    assert "iterations: 3" in (b / "config.yaml").read_text()
+    with caplog.at_level(logging.INFO, logger="arcopo_fast"):
+        assert train(b, "run.iterations=3", resume=True)[0]["iterations"] == 3
+    assert "the run has done all run.iterations=3; raise run.iterations" in caplog.text
     # the first update of an iteration is exactly on-policy: ratio 1, nothing clipped
     assert all(r["update/ratio_max_dev/epoch0"] < 1e-4 and r["update/clip_frac/epoch0"] == 0 for r in ma)
     # the run directory holds what a user needs
