@@ -147,6 +147,9 @@ def main(argv=None) -> int:
         distributed.shutdown()
     if trainer.dist.is_main:
         logger.info("run directory: %s", summary["run_dir"])
+        if summary["interrupted"]:
+            logger.info("stopped after iteration %d of %d, checkpoint written: continue with --resume %s",
+                        summary["iterations"], cfg.run.iterations, summary["run_dir"])
         if "samples_reward_before" in summary:
             logger.info("reward of the sample videos (same prompts and noises, samples/scores.json): before %.4f -> "
                         "after %.4f", summary["samples_reward_before"], summary["samples_reward_after"])

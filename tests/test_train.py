@@ -206,6 +206,7 @@ def test_ctrl_c_writes_a_checkpoint_then_resume_continues(tmp_path):
     state = checkpointing.read_state(out)
     assert state["iteration"] == len(metrics(out)) >= 1
     assert '"interrupted": true' in stdout
+    assert f"checkpoint written: continue with --resume {out}" in stdout  # says how to go on
 
 
 def test_evaluate_wants_noise_ids_for_every_prompt():
