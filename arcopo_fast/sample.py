@@ -42,6 +42,20 @@ def parse_adapter(text: str) -> tuple[str, float]:
         return text, 1.0
 
 
+def device_arg(text: str) -> str:
+    """--device: a torch device this machine has (an argparse type: a bad one is a usage error, not a
+    traceback from deep inside the first CUDA call)."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here (torch {torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     """The options that choose the generator (shared by sample and evaluate)."""
     ap.add_argument("--model", help="a diffusers WanPipeline folder, Wan's release folder (Self-Forcing's "
@@ -56,7 +70,8 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--adapter", action="append", default=[], help="LoRA adapter folder[:scale] (repeatable: W0 + sum s dW)")
     ap.add_argument("--text-encoder", help="local umT5 encoder + tokenizer folder (default: the model's, or the tiny one)")
     ap.add_argument("--vae", help="local AutoencoderKLWan folder (default: the model's, or the tiny one)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda or cuda:N (default: cuda when available)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA")
     ap.add_argument("--shift", type=float, default=5.0, help="timestep shift (Self-Forcing's demo uses 8)")
     ap.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: per model, see above)")
@@ -151,6 +166,8 @@ def main(argv=None) -> int:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.seed < 0:
         ap.error("--seed must be >= 0")
+    if not args.fps > 0:  # checked before the generation: save_video would refuse it only afterwards
+        ap.error(f"--fps must be > 0, got {args.fps}")
 
     from .video_io import check_video_path, save_video
 

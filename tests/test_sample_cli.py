@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from arcopo_fast.model.config import get_preset
@@ -80,6 +81,15 @@ def test_bad_arguments_fail_before_generating(tmp_path, capsys):
     assert "--prompt" in capsys.readouterr().err
     assert sample_main(["--prompt", "x", "--prompts-file", str(tmp_path / "none.txt")]) == 2
     assert "none.txt does not exist" in capsys.readouterr().err
+    # usage errors naming the option, not a traceback after (or deep inside) the generation
+    bad = {"--fps": ("0", "--fps must be > 0"), "--device": ("gpu", "argument --device: 'gpu' is not a device")}
+    if not torch.cuda.is_available():
+        bad["--device "] = ("cuda", "argument --device: 'cuda': CUDA is not available")
+    for flag, (value, message) in bad.items():
+        with pytest.raises(SystemExit) as e:
+            sample_main(["--prompt", "x", flag.strip(), value, "--out", str(tmp_path / "y.mp4")])
+        assert e.value.code == 2 and message in capsys.readouterr().err, flag
+    assert not (tmp_path / "y.mp4").exists()
 
 
 def test_bad_sizes_are_named_in_pixels(tiny_assets, tmp_path, capsys):
