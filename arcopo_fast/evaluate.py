@@ -3,11 +3,13 @@
     python -m arcopo_fast.evaluate --out eval/base                                   # tiny random base
     python -m arcopo_fast.evaluate --checkpoint runs/tiny/base_model.safetensors \\
         --adapter runs/tiny:0.8 --rewards brightness,flicker --out eval/tuned
+    python -m arcopo_fast.evaluate --model toy --adapter runs/toy --prompts arcopo_fast/toy/weights/prompts.txt \
+        --rewards toy_videoalign,temporal_smoothness --seeds 0,1 --out eval/toy       # the default run's adapter
     python -m arcopo_fast.evaluate --compare eval/base/results.json eval/tuned/results.json --out eval/cmp
 
 Sizes are pixels (--height / --width / --num-frames), default per model: 480 x 832 x 81 for 1.3B-class
-models, 64 x 64 x 81 for the tiny one. --model / --checkpoint / --adapter choose the generator as in
-`python -m arcopo_fast.sample`.
+models, 64 x 64 x 81 for the tiny one, 64 x 64 x 33 for --model toy. --model / --checkpoint / --adapter
+choose the generator as in `python -m arcopo_fast.sample`.
 
 Writes <out>/results.json (per-prompt scores, means, settings) and <out>/results.md (a table). Use one
 in-domain reward (what training optimised) and one out-of-domain reward (what it did not): the paper's dual

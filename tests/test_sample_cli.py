@@ -99,6 +99,18 @@ def test_bad_sizes_are_named_in_pixels(tiny_assets, tmp_path, capsys):
     assert not (tmp_path / "x.mp4").exists()
 
 
+def test_model_toy_samples_the_toy_world_at_its_clip_size(tmp_path):
+    """--model toy: the default run's generator with its own text encoder, VAE and shift, 33 frames of 64 x 64
+    (a --checkpoint of the toy weights alone got the tiny text encoder and Self-Forcing's shift, silently)."""
+    from arcopo_fast.video_io import read_mp4
+
+    out = tmp_path / "toy.mp4"
+    assert sample_main(["--model", "toy", "--prompt", "a big green circle moving right over a gray background",
+                        "--out", str(out), "--quiet"]) == 0
+    frames, _ = read_mp4(out)
+    assert frames.shape[:3] == (33, 64, 64)
+
+
 def test_output_paths():
     assert output_paths("a/v.mp4", 1, 1) == [__import__("pathlib").Path("a/v.mp4")]
     assert [p.as_posix() for p in output_paths("a/v.gif", 2, 1)] == ["a/v_0.gif", "a/v_1.gif"]
