@@ -517,8 +517,12 @@ def load_generator(
                              "--checkpoint (or --model), or --allow-random-init to do it on purpose")
         model = _random_model(preset, seed=seed, device=device, dtype=dtype)
     if text_encoder is None or vae is None:
-        if model.cfg.text_dim != get_preset("tiny").text_dim:
-            raise ValueError("give --text-encoder and --vae for a non-tiny model (no weights can be downloaded)")
+        tiny, cfg = get_preset("tiny"), model.cfg
+        if (cfg.text_dim, cfg.text_len) != (tiny.text_dim, tiny.text_len):  # the toy model's fit, but it is not theirs
+            raise ValueError(
+                f"the tiny text encoder and VAE (the default) belong to the tiny model only; this one (dim {cfg.dim}, "
+                f"text_dim {cfg.text_dim}, text_len {cfg.text_len}) needs its own: give --text-encoder and --vae "
+                "(for the toy world's model or a merge of it: --model toy [--checkpoint ...]); nothing is downloaded")
         from .model.tiny_assets import ensure_tiny_assets
 
         assets = ensure_tiny_assets(Path(assets_dir).expanduser() if assets_dir else None)

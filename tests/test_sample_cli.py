@@ -99,7 +99,7 @@ def test_bad_sizes_are_named_in_pixels(tiny_assets, tmp_path, capsys):
     assert not (tmp_path / "x.mp4").exists()
 
 
-def test_model_toy_samples_the_toy_world_at_its_clip_size(tmp_path):
+def test_model_toy_samples_the_toy_world_at_its_clip_size(tmp_path, capsys):
     """--model toy: the default run's generator with its own text encoder, VAE and shift, 33 frames of 64 x 64
     (a --checkpoint of the toy weights alone got the tiny text encoder and Self-Forcing's shift, silently)."""
     from arcopo_fast.video_io import read_mp4
@@ -109,6 +109,12 @@ def test_model_toy_samples_the_toy_world_at_its_clip_size(tmp_path):
                         "--out", str(out), "--quiet"]) == 0
     frames, _ = read_mp4(out)
     assert frames.shape[:3] == (33, 64, 64)
+    from arcopo_fast.toy.assets import WEIGHTS_DIR
+
+    toy_weights = ["--checkpoint", str(WEIGHTS_DIR / "base_model.safetensors"), "--prompt", "x", "--out", str(out)]
+    assert sample_main(toy_weights) == 2  # without its text encoder: refused, not sampled with the tiny one
+    err = capsys.readouterr().err
+    assert "belong to the tiny model only" in err and "--model toy" in err
 
 
 def test_output_paths():
