@@ -25,7 +25,8 @@ logger = logging.getLogger("arcopo_fast.collect")  # not __name__: under `python
 def parse_args(argv=None) -> argparse.Namespace:
     ap = cli.config_parser("python -m arcopo_fast.collect", __doc__, argv)
     ap.add_argument("--overwrite", action="store_true",
-                    help="collect again into a buffer folder that already holds a collection (it is replaced)")
+                    help="collect again into a buffer folder that already holds a collection (it is replaced; "
+                         "without this flag such a folder is refused)")
     ap.add_argument("--allow-pickle", action="store_true",
                     help="load a TRUSTED legacy model.checkpoint holding pickled Python objects (unpickling runs "
                          "code, so never use it on files from elsewhere)")
@@ -44,9 +45,17 @@ def main(argv=None) -> int:
         print(cli.config_yaml(cfg), end="")
         return 0
     from . import distributed
+    from .rl.replay import ReplayBuffer, clear
     from .trainer import Trainer
 
     root = Path(cfg.replay.buffer or Path(cfg.run.out_dir) / "replay_buffer").expanduser()
+    if ReplayBuffer.exists(root):
+        if not args.overwrite:  # a collection can be hours of rollouts, and a semi run may be training on it
+            print(f"error: {root} already holds a replay buffer: train on it (run.mode=semi-on-policy "
+                  f"replay.buffer={root}), choose another replay.buffer, or pass --overwrite to collect it again",
+                  file=sys.stderr)
+            return 2
+        clear(root)  # every rank may: the files are gone before any rank writes (Trainer() synchronises)
     # An on-policy trainer object (so nothing is collected implicitly) with its own run folder inside the
     # buffer: collecting never touches a training run's files.
     cfg.run.mode = "on-policy"

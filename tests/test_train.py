@@ -89,7 +89,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, caplog):
     assert (checkpointing.resolve(a) / "adapter" / adapters.ADAPTER_FILE).is_file()
 
 
-def test_semi_on_policy_trains_the_semi_adapter_from_a_collected_buffer(tmp_path):
+def test_semi_on_policy_trains_the_semi_adapter_from_a_collected_buffer(tmp_path, capsys):
     buf = tmp_path / "buffer"
     summary, t = train(tmp_path / "semi", "run.mode=semi-on-policy", f"replay.buffer={buf}", "replay.buffer_groups=3",
                        "run.iterations=3", "replay.groups_per_iteration=2", "optim.lr=0.5", "algo.pivot_min=1")
@@ -120,6 +120,16 @@ def test_semi_on_policy_trains_the_semi_adapter_from_a_collected_buffer(tmp_path
     with pytest.raises(ValueError, match="other settings.*tau"):
         train(tmp_path / "semi3", "run.mode=semi-on-policy", f"replay.buffer={buf}", "algo.tau_auto_scale=0.5",
               "run.iterations=1", "algo.pivot_min=1")
+    # collecting again into it is refused (hours of rollouts at full size) unless --overwrite, which replaces it
+    from arcopo_fast.collect import main as collect_main
+
+    again = ["--preset", "tiny", *tiny(tmp_path / "unused", f"replay.buffer={buf}", "replay.buffer_groups=2", "algo.pivot_min=1")]
+    index = (buf / "index.json").read_text()
+    assert collect_main(again) == 2 and (buf / "index.json").read_text() == index
+    assert "already holds a replay buffer" in capsys.readouterr().err
+    assert collect_main([*again, "--overwrite"]) == 0
+    assert sorted(f.name for f in buf.glob("group_*")) == ["group_000000.safetensors", "group_000001.safetensors"]
+    assert len(json.loads((buf / "index.json").read_text())["groups"]) == 2
 
 
 def test_merge_writes_w0_plus_semi_plus_scaled_on(tmp_path):
