@@ -251,7 +251,6 @@ def _video_once(s, cross) -> tuple[float, float]:
 def video(ctx: Ctx) -> list[dict]:
     with _bench_modules():
         e2e = importlib.import_module("e2e_common")
-        from .pipeline import Generator
         from .sampler import latent_frames_to_video_frames
 
         rows = []
@@ -265,8 +264,7 @@ def video(ctx: Ctx) -> list[dict]:
                 _video_once(s, cross)  # warm-up: compilation, autotuning, CUDA graph capture
                 warm = time.perf_counter() - t0
                 dit_s, first = _video_once(s, cross)
-                gen = Generator(s.model, s.sampler, None, s.vae)
-                gen.cross = lambda prompts, cross=cross: cross
+                gen = e2e.streaming_pipeline(s, cross)
                 t1 = time.perf_counter()
                 n = sum(c.shape[1] for c in gen.stream_video(["x"], num_chunks=s.num_chunks, latent_hw=s.latent_hw))
                 ctx.sync()

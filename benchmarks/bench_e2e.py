@@ -15,9 +15,8 @@ import time
 
 import pytest
 import torch
-from e2e_common import backend, cross_for, make_setup, peak_gib, sync
+from e2e_common import backend, cross_for, make_setup, peak_gib, streaming_pipeline, sync
 
-from arcopo_fast.pipeline import Generator
 from arcopo_fast.sampler import latent_frames_to_video_frames
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA")
@@ -64,8 +63,7 @@ def test_streaming_generation(benchmark, shape, be, compile):
         sync(s.device)
         decode_s = time.perf_counter() - t1
         # generation with streaming decode overlapped (what `python -m arcopo_fast.sample` does)
-        gen = Generator(s.model, s.sampler, None, s.vae)
-        gen.cross = lambda prompts: cross
+        gen = streaming_pipeline(s, cross)
         sync(s.device)
         t2 = time.perf_counter()
         chunks = list(gen.stream_video(["x"], num_chunks=s.num_chunks, latent_hw=s.latent_hw))

@@ -67,6 +67,17 @@ def cross_for(s: Setup, batch: int = 1):
         return s.model.encode_text(ctx)
 
 
+def streaming_pipeline(s: Setup, cross):
+    """The StreamingPipeline of a setup (what `python -m arcopo_fast.sample` streams through): its sampler
+    (compiled and warm when the setup's is) and VAE, with no text encoder (every prompt gets `cross`)."""
+    from arcopo_fast.pipeline import StreamingPipeline
+
+    pipe = StreamingPipeline(s.model, None, s.vae)
+    pipe.sampler = s.sampler
+    pipe.cross = lambda prompts: cross
+    return pipe
+
+
 @contextlib.contextmanager
 def backend(name: str):
     """Run ops with one backend ('torch' = the plain SDPA/eager path, 'triton' = our kernels)."""
