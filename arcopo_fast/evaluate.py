@@ -89,6 +89,30 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _seed_list(text: str) -> list[int]:
+    """--seeds: a comma list of non-negative integers (an argparse type)."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"noise seeds must be >= 0, got {text!r}")
+    return seeds
+
+
+def read_results(path: Path) -> dict:
+    """A results.json written by this command (ValueError naming the file otherwise)."""
+    if not path.is_file():
+        raise ValueError(f"--compare: {path} does not exist")
+    try:
+        res = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"--compare: {path} is not JSON ({e})") from None
+    if not isinstance(res, dict) or not isinstance(res.get("means"), dict):
+        raise ValueError(f"--compare: {path} is not a results.json of `python -m arcopo_fast.evaluate` (no 'means')")
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m arcopo_fast.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder")
@@ -99,25 +123,27 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", help="file with one held-out prompt per line (default: a small built-in set)")
     ap.add_argument("--rewards", default="brightness,temporal_smoothness",
                     help="comma list name[=weight] (names or module:Class); first = in-domain, others out-of-domain")
-    ap.add_argument("--seeds", default="0", help="comma list of noise seeds per prompt")
+    ap.add_argument("--seeds", type=_seed_list, default="0", help="comma list of noise seeds per prompt (default 0)")
     ap.add_argument("--model-seed", type=int, default=0, help="seed of a random base model (no --checkpoint)")
     ap.add_argument("--save-videos", action="store_true")
     log_setup.add_arguments(ap)
     args = ap.parse_args(argv)
     log_setup.configure_from_args(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     if args.compare:
         results = {}
         for p in args.compare:
             path = Path(p)
-            if not path.is_file():
-                print(f"error: --compare: {path} does not exist", file=sys.stderr)
+            try:
+                res = read_results(path)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
                 return 2
             name = path.parent.name or path.stem
-            results[name if name not in results else f"{name}#{len(results) + 1}"] = json.loads(path.read_text())
+            results[name if name not in results else f"{name}#{len(results) + 1}"] = res
         table = markdown_table(results)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "comparison.md").write_text(table)
         print(table)
         logger.info("wrote %s", out / "comparison.md")
@@ -128,13 +154,15 @@ def main(argv=None) -> int:
 
     try:
         specs = parse_reward_list(args.rewards)
+        if args.prompts and not Path(args.prompts).is_file():
+            raise FileNotFoundError(f"--prompts: {args.prompts} does not exist")
         prompts = DEFAULT_EVAL_PROMPTS if not args.prompts else [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
         pipe = build_pipeline(args, model_seed=args.model_seed)
         pipe.set_progress_bar_config(disable=True)
         height, width, num_frames = video_size(args, pipe)
         res = evaluate(
             pipeline=pipe, prompts=list(prompts), reward_specs=specs, height=height, width=width,
-            num_frames=num_frames, seeds=[int(s) for s in args.seeds.split(",")],
+            num_frames=num_frames, seeds=args.seeds,
             video_dir=out / "videos" if args.save_videos else None,
         )
     except (FileNotFoundError, ValueError, TypeError) as e:
@@ -142,6 +170,7 @@ def main(argv=None) -> int:
         return 2
     res["settings"] = {**{k: v for k, v in vars(args).items() if k != "compare"},
                        "height": height, "width": width, "num_frames": num_frames}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=2))
     table = markdown_table({out.name: res})
     (out / "results.md").write_text(table)

@@ -229,6 +229,23 @@ def test_evaluate_wants_noise_ids_for_every_prompt():
         evaluate(prompts=["a"], seeds=[], **kw)
 
 
+def test_evaluate_names_bad_inputs_and_leaves_no_folder(tmp_path, capsys):
+    from arcopo_fast.evaluate import main as eval_main
+
+    (tmp_path / "empty.json").write_text("{}")
+    (tmp_path / "rows.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
+    out = tmp_path / "out"
+    for bad, message in (("empty.json", "is not a results.json"), ("rows.jsonl", "is not JSON"), ("none.json", "does not exist")):
+        assert eval_main(["--compare", str(tmp_path / bad), str(tmp_path / bad), "--out", str(out)]) == 2
+        assert f"--compare: {tmp_path / bad} {message}" in capsys.readouterr().err
+    assert eval_main(["--prompts", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
+    assert f"--prompts: {tmp_path / 'none.txt'} does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(["--seeds", "0,a", "--out", str(out)])
+    assert "argument --seeds: expected a comma list of integers, got '0,a'" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_sample_and_evaluate_clis(tmp_path):
     from arcopo_fast.evaluate import main as eval_main
     from arcopo_fast.sample import main as sample_main
