@@ -1,11 +1,11 @@
 """Collect the semi-on-policy replay buffer: groups rolled out and scored with the REFERENCE weights.
 
-    python -m arcopo_fast.collect replay.buffer=buffers/tiny replay.buffer_groups=100
+    python -m arcopo_fast.collect replay.buffer=buffers/toy replay.buffer_groups=32   # the toy world (default)
     torchrun --nproc_per_node 8 -m arcopo_fast.collect --preset self-forcing-1.3b replay.buffer=buffers/sf ...
 
 Takes the same configuration as `train` (the buffer records the sampler/group settings and refuses to be
 used by a run whose settings differ). `train run.mode=semi-on-policy` collects automatically when its
-replay.buffer does not exist yet.
+replay.buffer does not exist yet. A folder that already holds a buffer is refused unless --overwrite.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     python -m arcopo_fast.evaluate --out eval/base                                   # tiny random base
     python -m arcopo_fast.evaluate --checkpoint runs/tiny/base_model.safetensors \\
         --adapter runs/tiny:0.8 --rewards brightness,flicker --out eval/tuned
-    python -m arcopo_fast.evaluate --model toy --adapter runs/toy --prompts arcopo_fast/toy/weights/prompts.txt \
+    python -m arcopo_fast.evaluate --model toy --adapter runs/toy --prompts arcopo_fast/toy/weights/prompts.txt \\
         --rewards toy_videoalign,temporal_smoothness --seeds 0,1 --out eval/toy       # the default run's adapter
     python -m arcopo_fast.evaluate --compare eval/base/results.json eval/tuned/results.json --out eval/cmp
 

@@ -1,7 +1,7 @@
 """Generate videos with the streaming pipeline and write them as mp4, GIF, PNG contact sheets or PNG frames.
 
     python -m arcopo_fast.sample --prompt "a red balloon over a lake" --out video.mp4       # tiny, CPU
-    python -m arcopo_fast.sample --model toy --adapter runs/toy \
+    python -m arcopo_fast.sample --model toy --adapter runs/toy \\
         --prompt "a small red circle moving left over a dark blue background" --out toy.gif  # the default run's
     python -m arcopo_fast.sample --model wan_models/Wan2.1-T2V-1.3B --checkpoint self_forcing_dmd.pt \\
         --device cuda --out sf.mp4                            # Self-Forcing's layout (or a diffusers folder)
