@@ -139,12 +139,35 @@ def load_adapter(model: torch.nn.Module, name: str, src_dir: str | Path) -> None
 
     src = expand_latest(src_dir)
     cfg, state = read_adapter(src)
+    _check_fits(model, state, src)
     if not any(name in m.lora_A for m in lora_layers(model)):
         add_lora(model, name, rank=cfg.r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules)
     result = set_peft_model_state_dict(model, state, adapter_name=name)
     missing = [k for k in result.missing_keys if ".lora_" in k and f".{name}." in k]
     if missing or result.unexpected_keys:
         raise ValueError(f"adapter {src}: missing keys {missing[:5]}, unexpected keys {list(result.unexpected_keys)[:5]}")
+
+
+def _check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], src: Path) -> None:
+    """Refuse, before anything is injected, an adapter whose factors do not fit the model's layers: one
+    trained on another base model (e.g. the tiny model's adapter onto the toy model)."""
+    for key, t in state.items():
+        mod_name, sep, rest = key.partition(".lora_")
+        if not sep or rest[:1] not in ("A", "B") or t.dim() != 2:
+            continue  # not a factor: reported as an unexpected key after the load
+        try:
+            layer = model.get_submodule(mod_name)
+        except AttributeError:
+            continue
+        base = layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer
+        if not isinstance(base, torch.nn.Linear):
+            continue
+        got, want = (t.shape[1], base.in_features) if rest[0] == "A" else (t.shape[0], base.out_features)
+        if got != want:
+            side = "inputs" if rest[0] == "A" else "outputs"
+            raise ValueError(
+                f"adapter {src} does not fit this model: its {key} {tuple(t.shape)} is for a layer of {got} {side}, "
+                f"the model's {mod_name} has {want}; it was trained on another base model: load it onto that one")
 
 
 def remove_lora(model: torch.nn.Module) -> None:

@@ -1,11 +1,11 @@
 """Collect the semi-on-policy replay buffer: groups rolled out and scored with the REFERENCE weights.
 
-    python -m arcopo_fast.collect replay.buffer=buffers/tiny replay.buffer_groups=100
+    python -m arcopo_fast.collect replay.buffer=buffers/toy replay.buffer_groups=32   # the toy world (default)
     torchrun --nproc_per_node 8 -m arcopo_fast.collect --preset self-forcing-1.3b replay.buffer=buffers/sf ...
 
 Takes the same configuration as `train` (the buffer records the sampler/group settings and refuses to be
 used by a run whose settings differ). `train run.mode=semi-on-policy` collects automatically when its
-replay.buffer does not exist yet.
+replay.buffer does not exist yet. A folder that already holds a buffer is refused unless --overwrite.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from . import cli
 from . import log as log_setup
 from .config import load_config
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("arcopo_fast.collect")  # not __name__: under `python -m` that is "__main__"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,14 +47,17 @@ def main(argv=None) -> int:
     from . import distributed
     from .checkpointing import RunLockedError
     from .rewards import RewardError
-    from .rl.replay import INDEX, ReplayBuffer
+    from .rl.replay import ReplayBuffer, clear
     from .trainer import Trainer
 
     root = Path(cfg.replay.buffer or Path(cfg.run.out_dir) / "replay_buffer").expanduser()
-    if ReplayBuffer.exists(root) and not args.overwrite:
-        print(f"error: replay buffer {root} already holds a collection ({INDEX}): choose another replay.buffer, "
-              "or pass --overwrite to collect it again (the collection is replaced)", file=sys.stderr)
-        return 2
+    if ReplayBuffer.exists(root):
+        if not args.overwrite:  # a collection can be hours of rollouts, and a semi run may be training on it
+            print(f"error: {root} already holds a replay buffer: train on it (run.mode=semi-on-policy "
+                  f"replay.buffer={root}), choose another replay.buffer, or pass --overwrite to collect it again",
+                  file=sys.stderr)
+            return 2
+        clear(root)  # every rank may: the files are gone before any rank writes (Trainer() synchronises)
     # An on-policy trainer object (so nothing is collected implicitly) with its own run folder inside the
     # buffer: collecting never touches a training run's files.
     cfg.run.mode = "on-policy"

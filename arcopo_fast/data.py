@@ -33,7 +33,7 @@ def read_prompt_file(path: str | Path, option: str) -> list[str]:
     line; blank lines and lines starting with '#' are skipped. Errors name `option`."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"{option}: file {p} does not exist")
+        raise FileNotFoundError(f"{option}: {p} does not exist")
     prompts = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     if not prompts:
         raise ValueError(f"{option}: {p} holds no prompt (one per line)")

@@ -3,11 +3,13 @@
     python -m arcopo_fast.evaluate --out eval/base                                   # tiny random base
     python -m arcopo_fast.evaluate --checkpoint runs/tiny/base_model.safetensors \\
         --adapter runs/tiny:0.8 --rewards brightness,flicker --out eval/tuned
+    python -m arcopo_fast.evaluate --model toy --adapter runs/toy --prompts arcopo_fast/toy/weights/prompts.txt \\
+        --rewards toy_videoalign,temporal_smoothness --seeds 0,1 --out eval/toy       # the default run's adapter
     python -m arcopo_fast.evaluate --compare eval/base/results.json eval/tuned/results.json --out eval/cmp
 
 Sizes are pixels (--height / --width / --num-frames), default per model: 480 x 832 x 81 for 1.3B-class
-models, 64 x 64 x 81 for the tiny one. --model / --checkpoint / --adapter choose the generator as in
-`python -m arcopo_fast.sample`.
+models, 64 x 64 x 81 for the tiny one, 64 x 64 x 33 for --model toy. --model / --checkpoint / --adapter
+choose the generator as in `python -m arcopo_fast.sample`.
 
 Writes <out>/results.json (per-prompt scores, means, settings) and <out>/results.md (a table). Use one
 in-domain reward (what training optimised) and one out-of-domain reward (what it did not): the paper's dual
@@ -24,6 +26,8 @@ import time
 from pathlib import Path
 
 from . import log as log_setup
+
+logger = logging.getLogger("arcopo_fast.evaluate")  # not __name__: under `python -m` that is "__main__"
 
 DEFAULT_EVAL_PROMPTS = (
     "a lighthouse beam sweeping across a foggy sea",
@@ -71,17 +75,6 @@ def evaluate(
     return {"rows": rows, "means": means, "num_videos": len(rows), "seconds": time.perf_counter() - t0}
 
 
-def parse_seeds(text: str) -> list[int]:
-    """--seeds: a comma list of non-negative ints."""
-    try:
-        seeds = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--seeds must be a comma list of non-negative integers, got {text!r}") from None
-    if any(s < 0 for s in seeds):
-        raise ValueError(f"--seeds must be non-negative, got {text!r}")
-    return seeds
-
-
 def markdown_table(results: dict[str, dict]) -> str:
     """results: {name: results.json content} -> a Markdown table of mean scores, one column per run."""
     names = list(results)
@@ -97,6 +90,30 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _seed_list(text: str) -> list[int]:
+    """--seeds: a comma list of non-negative integers (an argparse type)."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"noise seeds must be >= 0, got {text!r}")
+    return seeds
+
+
+def read_results(path: Path) -> dict:
+    """A results.json written by this command (ValueError naming the file otherwise)."""
+    if not path.is_file():
+        raise ValueError(f"--compare: {path} does not exist")
+    try:
+        res = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"--compare: {path} is not JSON ({e})") from None
+    if not isinstance(res, dict) or not isinstance(res.get("means"), dict):
+        raise ValueError(f"--compare: {path} is not a results.json of `python -m arcopo_fast.evaluate` (no 'means')")
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m arcopo_fast.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder")
@@ -107,34 +124,30 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", help="file with one held-out prompt per line (default: a small built-in set)")
     ap.add_argument("--rewards", default="brightness,temporal_smoothness",
                     help="comma list name[=weight] (names or module:Class); first = in-domain, others out-of-domain")
-    ap.add_argument("--seeds", default="0", help="comma list of noise seeds per prompt")
+    ap.add_argument("--seeds", type=_seed_list, default="0", help="comma list of noise seeds per prompt (default 0)")
     ap.add_argument("--model-seed", type=int, default=0, help="seed of a random base model (no --checkpoint)")
     ap.add_argument("--save-videos", action="store_true")
     log_setup.add_arguments(ap)
     args = ap.parse_args(argv)
     log_setup.configure_from_args(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     if args.compare:
         results = {}
         for p in args.compare:
             path = Path(p)
-            if not path.is_file():
-                print(f"error: --compare: {path} does not exist", file=sys.stderr)
-                return 2
             try:
-                res = json.loads(path.read_text())
-                if not isinstance(res, dict) or not isinstance(res.get("means"), dict):
-                    raise ValueError("no 'means' table")
+                res = read_results(path)
             except ValueError as e:
-                print(f"error: --compare: {path} is not an evaluate results.json ({e})", file=sys.stderr)
+                print(f"error: {e}", file=sys.stderr)
                 return 2
             name = path.parent.name or path.stem
             results[name if name not in results else f"{name}#{len(results) + 1}"] = res
         table = markdown_table(results)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "comparison.md").write_text(table)
         print(table)
+        logger.info("wrote %s", out / "comparison.md")
         return 0
 
     from .data import read_prompt_file
@@ -144,13 +157,12 @@ def main(argv=None) -> int:
     try:
         specs = parse_reward_list(args.rewards)
         prompts = DEFAULT_EVAL_PROMPTS if not args.prompts else read_prompt_file(args.prompts, "--prompts")
-        seeds = parse_seeds(args.seeds)
         pipe = build_pipeline(args, model_seed=args.model_seed)
         pipe.set_progress_bar_config(disable=True)
         height, width, num_frames = video_size(args, pipe)
         res = evaluate(
             pipeline=pipe, prompts=list(prompts), reward_specs=specs, height=height, width=width,
-            num_frames=num_frames, seeds=seeds,
+            num_frames=num_frames, seeds=args.seeds,
             video_dir=out / "videos" if args.save_videos else None,
         )
     except (FileNotFoundError, ValueError, TypeError) as e:
@@ -158,11 +170,12 @@ def main(argv=None) -> int:
         return 2
     res["settings"] = {**{k: v for k, v in vars(args).items() if k != "compare"},
                        "height": height, "width": width, "num_frames": num_frames}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=2))
     table = markdown_table({out.name: res})
     (out / "results.md").write_text(table)
     print(table)
-    logging.getLogger(__name__).info("wrote %s and %s", out / "results.json", out / "results.md")
+    logger.info("wrote %s and %s", out / "results.json", out / "results.md")
     return 0
 
 

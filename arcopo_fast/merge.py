@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.getLogger(__name__).info("wrote %s", path)
+    logging.getLogger("arcopo_fast.merge").info("wrote %s", path)
     return 0
 
 

@@ -4,6 +4,7 @@
     pipe = StreamingPipeline.from_diffusers(wan_pipe)                      # a diffusers WanPipeline
     pipe = StreamingPipeline.from_self_forcing("self_forcing_dmd.pt", "wan_models/Wan2.1-T2V-1.3B")
     pipe = StreamingPipeline.from_pretrained("tiny")                       # the embedded tiny model
+    pipe = StreamingPipeline.from_pretrained("toy")                        # the toy world's generator
     frames = pipe("a red balloon over a lake", height=480, width=832, num_frames=81).frames
     for chunk in pipe.stream("a red balloon over a lake"):                 # [B, n, 3, H, W] per chunk
         show(chunk)
@@ -34,7 +35,7 @@ from .model.kv_cache import CrossKV
 from .model.wan import CausalWanModel
 from .sampler import FewStepSchedule, StreamingSampler
 
-__all__ = ["OUTPUT_TYPES", "StreamingPipeline", "StreamingPipelineOutput", "default_video_size", "load_generator"]
+__all__ = ["OUTPUT_TYPES", "TOY_VIDEO_SIZE", "StreamingPipeline", "StreamingPipelineOutput", "default_video_size", "load_generator"]
 
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 """pt: float32 tensor [B, T, 3, H, W] in [0, 1]; np: float32 array [B, T, H, W, 3] in [0, 1] (diffusers'
@@ -50,8 +51,13 @@ class StreamingPipelineOutput:
 
 def default_video_size(cfg: ModelConfig) -> tuple[int, int, int]:
     """(height, width, num_frames) in pixels that suit a model: Wan's 480 x 832 x 81 for the 1.3B-class
-    models, 64 x 64 x 81 for the tiny ones (seconds on a CPU)."""
+    models, 64 x 64 x 81 for the tiny ones (seconds on a CPU). A pipeline's own `default_size` may differ
+    (the toy world's: its 64 x 64 x 33 clips)."""
     return (480, 832, 81) if cfg.dim >= 1024 else (64, 64, 81)
+
+
+TOY_VIDEO_SIZE = (64, 64, 33)
+"""The toy world's clips (arcopo_fast.toy.world): 3 chunks of 64 x 64 pixels, what its generator learned."""
 
 
 def _device(device) -> torch.device:
@@ -67,7 +73,8 @@ class StreamingPipeline:
     from_self_forcing (or load_generator); call it, or stream() it.
 
     Attributes: model (CausalWanModel), sampler (StreamingSampler), text_encoder (TextEncoder), vae
-    (WanVAE). noise_seed: the sampler's noise-plan seed (every call's per-row seeds are noise ids under it).
+    (WanVAE), default_size ((height, width, num_frames) that suit the model, what the CLIs generate without
+    size options). noise_seed: the sampler's noise-plan seed (every call's per-row seeds are noise ids under it).
     """
 
     def __init__(
@@ -83,6 +90,7 @@ class StreamingPipeline:
         self.model = model.requires_grad_(False).eval()
         self.sampler = StreamingSampler(model, schedule, seed=noise_seed, compile=compile)
         self.text_encoder, self.vae = text_encoder, vae
+        self.default_size = default_video_size(model.cfg)
         self._progress_bar_config: dict = {}
         self._lora_scales: dict[str, float] = {}
 
@@ -103,7 +111,8 @@ class StreamingPipeline:
         schedule: FewStepSchedule | None = None,
     ) -> StreamingPipeline:
         """From "tiny" (the embedded tiny model: a random tiny DiT, seed 0, with the tiny text encoder and
-        VAE built on first use under ~/.cache/arcopo_fast), a folder in diffusers' WanPipeline layout
+        VAE built on first use under ~/.cache/arcopo_fast), "toy" (the toy world's shipped generator, text
+        encoder and VAE, sampled with the few-step schedule it was trained with: `--preset toy`'s), a folder in diffusers' WanPipeline layout
         (transformer/, text_encoder/, tokenizer/, vae/), or Wan's own release folder
         (Wan2.1-T2V-1.3B/: see from_self_forcing).
 
@@ -126,11 +135,20 @@ class StreamingPipeline:
                 model = _random_model("tiny", seed=0, device=dev, dtype=dt)
             return cls._assemble(model, text_encoder or assets["text_encoder"], vae or assets["vae"], dev, dt,
                                  compile=compile, schedule=schedule)
+        if str(path_or_preset) == "toy":
+            from .toy.assets import WEIGHTS_DIR, read_manifest
+
+            model = _load_dit(checkpoint or WEIGHTS_DIR / "base_model.safetensors", dev, dt, ema)
+            pipe = cls._assemble(model, text_encoder or WEIGHTS_DIR / "text_encoder",
+                                 vae if vae is not None else WEIGHTS_DIR / "vae", dev, dt, compile=compile,
+                                 schedule=schedule or FewStepSchedule(shift=read_manifest()["sampler"]["shift"]))
+            pipe.default_size = TOY_VIDEO_SIZE
+            return pipe
         path = Path(path_or_preset).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(
                 f"path_or_preset: {path} is not a folder (give a diffusers WanPipeline folder, Wan's release "
-                f"folder, or the name 'tiny')")
+                f"folder, or the name 'tiny' or 'toy')")
         from .model.wan_original import VAE_FILE
 
         if (path / VAE_FILE).is_file() and not (path / "vae").is_dir():
@@ -499,8 +517,12 @@ def load_generator(
                              "--checkpoint (or --model), or --allow-random-init to do it on purpose")
         model = _random_model(preset, seed=seed, device=device, dtype=dtype)
     if text_encoder is None or vae is None:
-        if model.cfg.text_dim != get_preset("tiny").text_dim:
-            raise ValueError("give --text-encoder and --vae for a non-tiny model (no weights can be downloaded)")
+        tiny, cfg = get_preset("tiny"), model.cfg
+        if (cfg.text_dim, cfg.text_len) != (tiny.text_dim, tiny.text_len):  # the toy model's fit, but it is not theirs
+            raise ValueError(
+                f"the tiny text encoder and VAE (the default) belong to the tiny model only; this one (dim {cfg.dim}, "
+                f"text_dim {cfg.text_dim}, text_len {cfg.text_len}) needs its own: give --text-encoder and --vae "
+                "(for the toy world's model or a merge of it: --model toy [--checkpoint ...]); nothing is downloaded")
         from .model.tiny_assets import ensure_tiny_assets
 
         assets = ensure_tiny_assets(Path(assets_dir).expanduser() if assets_dir else None)

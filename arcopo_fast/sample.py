@@ -1,13 +1,16 @@
 """Generate videos with the streaming pipeline and write them as mp4, GIF, PNG contact sheets or PNG frames.
 
     python -m arcopo_fast.sample --prompt "a red balloon over a lake" --out video.mp4       # tiny, CPU
+    python -m arcopo_fast.sample --model toy --adapter runs/toy \\
+        --prompt "a small red circle moving left over a dark blue background" --out toy.gif  # the default run's
     python -m arcopo_fast.sample --model wan_models/Wan2.1-T2V-1.3B --checkpoint self_forcing_dmd.pt \\
         --device cuda --out sf.mp4                            # Self-Forcing's layout (or a diffusers folder)
     python -m arcopo_fast.sample --checkpoint runs/tiny/base_model.safetensors \\
         --adapter runs/tiny/checkpoints/iter_000060/adapter --prompts-file prompts.txt --num-samples 2 --out tuned.gif
 
 Sizes are pixels: --height / --width multiples of 16, --num-frames = 12 * chunks - 3 (9, 21, ..., 81);
-defaults: 480 x 832 x 81 for 1.3B-class models, 64 x 64 x 81 for the tiny one.
+defaults: 480 x 832 x 81 for 1.3B-class models, 64 x 64 x 81 for the tiny one, 64 x 64 x 33 (the toy world's
+clips) for --model toy.
 --out: .mp4, .gif, .png (a contact sheet) or a name without an extension (a folder of PNG frames). Several
 videos (prompts x --num-samples) get one file each: out_<prompt>.mp4, or out_<prompt>_<sample>.mp4 with
 --num-samples > 1. Sample s of every prompt uses noise seed --seed + s.
@@ -30,7 +33,7 @@ from .model.vae import MEMORY_FORMATS
 from .profiling import maybe_profile
 from .sampler import COMPILE_MODES
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("arcopo_fast.sample")  # not __name__: under `python -m` that is "__main__"
 
 
 def parse_adapter(text: str) -> tuple[str, float]:
@@ -42,10 +45,26 @@ def parse_adapter(text: str) -> tuple[str, float]:
         return text, 1.0
 
 
+def device_arg(text: str) -> str:
+    """--device: a torch device this machine has (an argparse type: a bad one is a usage error, not a
+    traceback from deep inside the first CUDA call)."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here (torch {torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     """The options that choose the generator (shared by sample and evaluate)."""
     ap.add_argument("--model", help="a diffusers WanPipeline folder, Wan's release folder (Self-Forcing's "
-                    "wan_models/Wan2.1-T2V-1.3B), or 'tiny'; default: --checkpoint / --preset with --text-encoder / --vae")
+                    "wan_models/Wan2.1-T2V-1.3B), 'tiny', or 'toy' (the toy world's generator, text encoder, VAE "
+                    "and shift: what the default `train` run tunes); default: --checkpoint / --preset with "
+                    "--text-encoder / --vae")
     ap.add_argument("--checkpoint", help="DiT weights (Self-Forcing .pt, Wan2.1 .safetensors/.pth, diffusers folder, "
                     "a run's base_model.safetensors); with --model it replaces the folder's DiT")
     ap.add_argument("--preset", default="tiny", help="architecture of a random DiT when neither --model nor "
@@ -56,12 +75,14 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--adapter", action="append", default=[], help="LoRA adapter folder[:scale] (repeatable: W0 + sum s dW)")
     ap.add_argument("--text-encoder", help="local umT5 encoder + tokenizer folder (default: the model's, or the tiny one)")
     ap.add_argument("--vae", help="local AutoencoderKLWan folder (default: the model's, or the tiny one)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda or cuda:N (default: cuda when available)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA")
-    ap.add_argument("--shift", type=float, default=5.0, help="timestep shift (Self-Forcing's demo uses 8)")
+    ap.add_argument("--shift", type=float, default=None, help="timestep shift (default: the model's, 5, or "
+                    "the toy world's 1; Self-Forcing's demo uses 8)")
     ap.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: per model, see above)")
     ap.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: per model)")
-    ap.add_argument("--num-frames", type=int, default=None, help="video frames, 12 * chunks - 3 (default: 81)")
+    ap.add_argument("--num-frames", type=int, default=None, help="video frames, 12 * chunks - 3 (default: per model, see above)")
 
 
 def build_pipeline(args, *, model_seed: int = 0):
@@ -72,7 +93,7 @@ def build_pipeline(args, *, model_seed: int = 0):
 
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    schedule = FewStepSchedule(shift=args.shift)
+    schedule = FewStepSchedule(shift=args.shift) if args.shift is not None else None  # None: the model's
     ema = not args.no_ema
     vae_opts = dict(memory_format=getattr(args, "vae_memory_format", "auto"), compile=getattr(args, "vae_compile", None) or False)
     compile = getattr(args, "compile", None)
@@ -95,10 +116,10 @@ def build_pipeline(args, *, model_seed: int = 0):
 
 
 def video_size(args, pipe) -> tuple[int, int, int]:
-    """(height, width, num_frames): the options, else the model's defaults (pipeline.default_video_size)."""
+    """(height, width, num_frames): the options, else the pipeline's default_size (else the model's)."""
     from .pipeline import default_video_size
 
-    h, w, n = default_video_size(pipe.model.cfg)
+    h, w, n = getattr(pipe, "default_size", None) or default_video_size(pipe.model.cfg)
     return args.height or h, args.width or w, args.num_frames or n
 
 
@@ -150,6 +171,8 @@ def main(argv=None) -> int:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.seed < 0:
         ap.error("--seed must be >= 0")
+    if not args.fps > 0:  # checked before the generation: save_video would refuse it only afterwards
+        ap.error(f"--fps must be > 0, got {args.fps}")
 
     from .video_io import check_video_path, save_video
 

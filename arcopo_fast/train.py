@@ -4,7 +4,7 @@ r"""Train a streaming video generator with AR-CoPO.
     python -m arcopo_fast.train --preset self-forcing-1.3b model.checkpoint=ckpts/self_forcing_dmd.pt \
         model.text_encoder=wan_models/umt5-xxl model.vae=wan_models/vae data.prompts=prompts.txt
     torchrun --nproc_per_node 8 -m arcopo_fast.train --config run.yaml          # DDP (LoRA) / FSDP2 (full)
-    python -m arcopo_fast.train --resume runs/tiny run.iterations=120          # continue a run (in runs/tiny)
+    python -m arcopo_fast.train --resume runs/toy run.iterations=300           # continue the default run (in runs/toy)
     python -m arcopo_fast.train run.mode=semi-on-policy replay.buffer=buffers/sf  # semi-on-policy adapter
 
 Overrides are `section.field=value`; every field, its type, value and meaning is listed below.
@@ -36,7 +36,7 @@ from .config import (
     parse_override,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("arcopo_fast.train")  # not __name__: under `python -m` that is "__main__"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -147,6 +147,9 @@ def main(argv=None) -> int:
         distributed.shutdown()
     if trainer.dist.is_main:
         logger.info("run directory: %s", summary["run_dir"])
+        if summary["interrupted"]:
+            logger.info("stopped after iteration %d of %d, checkpoint written: continue with --resume %s",
+                        summary["iterations"], cfg.run.iterations, summary["run_dir"])
         if "samples_reward_before" in summary:
             logger.info("reward of the sample videos (same prompts and noises, samples/scores.json): before %.4f -> "
                         "after %.4f", summary["samples_reward_before"], summary["samples_reward_after"])

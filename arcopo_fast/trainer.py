@@ -199,7 +199,13 @@ class Trainer:
             raise ValueError(
                 f"checkpoint {ckpt} belongs to the run folder {owner}, but run.out_dir is {self.run_dir}: a resume "
                 f"continues in the checkpoint's own folder (set run.out_dir={owner}), or copy the folder first")
-        changed = resume_conflicts(checkpointing.read_state(ckpt).get("config", {}), self.cfg)
+        state = checkpointing.read_state(ckpt)
+        reached = int(state.get("iteration", 0))
+        if self.cfg.run.iterations < reached:
+            raise ValueError(
+                f"run.iterations={self.cfg.run.iterations} is below the {reached} iterations checkpoint {ckpt} has "
+                f"done: a resume can only continue a run (give run.iterations={reached} or more)")
+        changed = resume_conflicts(state.get("config", {}), self.cfg)
         if changed:
             listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise ValueError(
@@ -561,6 +567,8 @@ class Trainer:
         try:
             if self.start_iteration == 0:
                 self.write_samples("before", 0)
+            elif self.start_iteration >= total:
+                logger.info("the run has done all run.iterations=%d; raise run.iterations to train on", total)
             for it in range(self.start_iteration, total):
                 prof_dir = self.run_dir / "profile" if (cfg.run.profile and it == self.start_iteration + 1 and self.dist.is_main) else None
                 with maybe_profile(prof_dir, name=f"iteration{it}"):

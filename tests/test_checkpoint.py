@@ -285,6 +285,18 @@ def test_missing_files_are_named(tmp_path):
         load_model(tmp_path / "empty")
 
 
+def test_damaged_safetensors_files_are_named(tmp_path):
+    """A truncated download or a file that is not safetensors at all: a CheckpointError naming it (the CLIs
+    print it as an error), not safetensors' own exception out of the loader."""
+    good = tmp_path / "good.safetensors"
+    save_model(make_tiny_model(), good)
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:1000])
+    (tmp_path / "text.safetensors").write_text("not weights\n")
+    for name in ("cut.safetensors", "text.safetensors"):
+        with pytest.raises(CheckpointError, match=rf"{name} is not a readable \.safetensors file"):
+            load_model(tmp_path / name)
+
+
 def test_pickled_objects_are_refused_by_default(tmp_path):
     path = tmp_path / "obj.pt"
     torch.save(

@@ -94,6 +94,17 @@ def test_bench_stops_before_the_budget_and_keeps_finished_rows(tmp_path, capsys,
     assert {r["item"] for r in rows} == {"chunk_attention_fwd"} and any("ms" in r for r in rows)
 
 
+def test_bench_video_item_streams_through_the_pipeline(tmp_path, tiny_assets):
+    """The end-to-end video item (also benchmarks/bench_e2e.py) builds a StreamingPipeline around the setup's
+    sampler: it had kept the constructor of the class's old name and failed with a TypeError on every device."""
+    path = tmp_path / "v.json"
+    assert doctor.main(["--bench", "--budget", "60", "--device", "cpu", "--ops", "video", "--json", str(path)]) == 0
+    rows = _json(path)["bench"]
+    assert not [r for r in rows if "error" in r], rows
+    (row,) = [r for r in rows if "impl" in r]
+    assert row["fps_e2e"] > 0 and row["frames"] == 33, row
+
+
 def test_compile_report_plumbing(tmp_path, capsys, monkeypatch):
     """--compile-report calls arcopo_fast.compile_report.build_report(arch=90) lazily and writes its records
     as a JSON list; without the module (or without --json) it says so and exits 2."""

@@ -171,3 +171,18 @@ def test_merge_refuses_a_scale_that_is_not_finite(files, tmp_path, capsys, scale
     assert merge_main(argv) == 2
     assert "--scale" in capsys.readouterr().err and not (tmp_path / "m.safetensors").exists()
 
+
+def test_an_adapter_of_another_base_model_is_refused_by_name(tmp_path):
+    """The tiny model's adapter loaded into the toy model (what `merge --base <toy> --on runs/tiny` did): a
+    ValueError naming the adapter, the layer and both widths, before anything is injected (it was a
+    RuntimeError listing every mismatching tensor, out of peft's load)."""
+    from arcopo_fast.model.config import get_preset
+    from arcopo_fast.model.wan import CausalWanModel
+
+    small = CausalWanModel(get_preset("tiny"))
+    adapters.add_lora(small, "on", rank=4, alpha=8.0, target_modules=ON_TARGETS)
+    src = adapters.save_adapter(small, "on", tmp_path / "adapter")
+    other = CausalWanModel(get_preset("toy"))
+    with pytest.raises(ValueError, match=r"does not fit this model: .* for a layer of 64 inputs, the model's .* has 96"):
+        adapters.load_adapter(other, "on", src)
+    assert adapters.lora_layers(other) == []

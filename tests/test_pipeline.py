@@ -158,3 +158,17 @@ def test_from_pretrained_tiny_works_out_of_the_box(tiny_assets):
     video = p("a red balloon", height=32, width=32, num_frames=9).frames
     assert video.shape == (1, 9, 3, 32, 32) and video.std() > 0.01
     assert p.to("cpu") is p and p.device.type == "cpu"
+
+
+def test_from_pretrained_toy_is_the_toy_worlds_generator():
+    """The toy world's model with its own text encoder, VAE and schedule (shift 1, not Self-Forcing's 5): the
+    videos of toy.measure's loader, at the world's clip size by default."""
+    from arcopo_fast.toy import assets
+    from arcopo_fast.toy.measure import load_toy_generator
+
+    p = StreamingPipeline.from_pretrained("toy", device="cpu")
+    assert p.default_size == (64, 64, 33) and p.sampler.schedule.shift == assets.read_manifest()["sampler"]["shift"]
+    prompt = "a small red circle moving left over a dark blue background"
+    ours = p(prompt, height=64, width=64, num_frames=9, seed=3).frames
+    ref = load_toy_generator()(prompt, height=64, width=64, num_frames=9, seed=3).frames
+    assert torch.equal(ours, ref)

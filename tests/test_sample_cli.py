@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from arcopo_fast.model.config import get_preset
@@ -80,6 +81,15 @@ def test_bad_arguments_fail_before_generating(tmp_path, capsys):
     assert "--prompt" in capsys.readouterr().err
     assert sample_main(["--prompt", "x", "--prompts-file", str(tmp_path / "none.txt")]) == 2
     assert "none.txt does not exist" in capsys.readouterr().err
+    # usage errors naming the option, not a traceback after (or deep inside) the generation
+    bad = {"--fps": ("0", "--fps must be > 0"), "--device": ("gpu", "argument --device: 'gpu' is not a device")}
+    if not torch.cuda.is_available():
+        bad["--device "] = ("cuda", "argument --device: 'cuda': CUDA is not available")
+    for flag, (value, message) in bad.items():
+        with pytest.raises(SystemExit) as e:
+            sample_main(["--prompt", "x", flag.strip(), value, "--out", str(tmp_path / "y.mp4")])
+        assert e.value.code == 2 and message in capsys.readouterr().err, flag
+    assert not (tmp_path / "y.mp4").exists()
 
 
 def test_bad_sizes_are_named_in_pixels(tiny_assets, tmp_path, capsys):
@@ -87,6 +97,24 @@ def test_bad_sizes_are_named_in_pixels(tiny_assets, tmp_path, capsys):
                         "--num-frames", "9"]) == 2
     assert "height must be a positive multiple of 16 pixels" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_model_toy_samples_the_toy_world_at_its_clip_size(tmp_path, capsys):
+    """--model toy: the default run's generator with its own text encoder, VAE and shift, 33 frames of 64 x 64
+    (a --checkpoint of the toy weights alone got the tiny text encoder and Self-Forcing's shift, silently)."""
+    from arcopo_fast.video_io import read_mp4
+
+    out = tmp_path / "toy.mp4"
+    assert sample_main(["--model", "toy", "--prompt", "a big green circle moving right over a gray background",
+                        "--out", str(out), "--quiet"]) == 0
+    frames, _ = read_mp4(out)
+    assert frames.shape[:3] == (33, 64, 64)
+    from arcopo_fast.toy.assets import WEIGHTS_DIR
+
+    toy_weights = ["--checkpoint", str(WEIGHTS_DIR / "base_model.safetensors"), "--prompt", "x", "--out", str(out)]
+    assert sample_main(toy_weights) == 2  # without its text encoder: refused, not sampled with the tiny one
+    err = capsys.readouterr().err
+    assert "belong to the tiny model only" in err and "--model toy" in err
 
 
 def test_output_paths():
@@ -142,12 +170,15 @@ def test_evaluate_refuses_bad_options_before_building_the_generator(tmp_path, mo
     monkeypatch.setattr(sample, "build_pipeline", lambda args, model_seed=0: built.append(1))
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "bad.json").write_text("{not json")
-    cases = [(["--seeds", "0,x"], "--seeds"), (["--seeds", "0,-1"], "--seeds"),
-             (["--prompts", str(tmp_path / "missing.txt")], "--prompts"), (["--prompts", str(tmp_path / "empty.txt")], "--prompts"),
+    cases = [(["--prompts", str(tmp_path / "missing.txt")], "--prompts"), (["--prompts", str(tmp_path / "empty.txt")], "--prompts"),
              (["--compare", str(tmp_path / "bad.json")], "bad.json")]  # fmt: skip
     for argv, named in cases:
         assert evaluate_main(["--out", str(tmp_path / "ev"), *argv]) == 2, argv
         assert named in capsys.readouterr().err, argv
+    for seeds in ("0,x", "0,-1"):  # a usage error of argparse, naming the option
+        with pytest.raises(SystemExit):
+            evaluate_main(["--out", str(tmp_path / "ev"), "--seeds", seeds])
+        assert "argument --seeds" in capsys.readouterr().err, seeds
     assert not built
 
     # every prompt's noise ids are checked before the first video is generated

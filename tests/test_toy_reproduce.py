@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +174,17 @@ def test_reproduce_command_writes_report_plot_and_numbers_at_the_tiniest_setting
     (foreign / "keep.txt").write_text("x")
     assert reproduce.main(["--plan", "tiny", "--work", str(foreign), "--out", str(out)]) == 2
     assert (foreign / "keep.txt").is_file()
+
+
+def test_the_tiny_plan_does_not_write_over_the_toy_report(tmp_path, monkeypatch):
+    """`toy reproduce --plan tiny` (the README's quick check) wrote its report into docs/, over the committed
+    toy-world report, and cleared the toy plan's work folder: each plan now has its own default folders."""
+    seen = {}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(reproduce, "run_all", lambda plan, work, jobs: seen.update(work=work) or {"seconds": {"total": 0}})
+    monkeypatch.setattr(reproduce, "judge_all", lambda raw: [])
+    monkeypatch.setattr(reproduce, "write_report", lambda raw, claims, out, stem, command: seen.update(out=out) or
+                        {k: out / f"{stem}.{k}" for k in ("md", "png", "json")})
+    for plan, out, work in (("tiny", "runs/tiny_reproduction", "runs/tiny_reproduce"), ("toy", "docs", "runs/toy_reproduce")):
+        assert reproduce.main(["--plan", plan]) == 0
+        assert (seen["out"], seen["work"]) == (Path(out), Path(work)), plan

@@ -4,6 +4,7 @@ lose nothing, Ctrl-C, the CLIs, and a 2-rank gloo run."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -59,7 +60,7 @@ def metrics(out: Path) -> list[dict]:
 DETERMINISTIC = lambda row: {k: v for k, v in row.items() if not k.startswith(("time/", "mem/", "branch_videos"))}
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, caplog):
     a, b = tmp_path / "a", tmp_path / "b"
     train(a, "run.iterations=3")
     train(b, "run.iterations=2")
@@ -73,6 +74,13 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     state = checkpointing.read_state(b)
     assert state["iteration"] == 3 and state["adapter"] == "on" and state["data_cursor"] == 3
+    # a resume below the iterations done is refused before anything is written; at them it says so
+    with pytest.raises(ValueError, match=r"run.iterations=2 is below the 3 iterations .* run.iterations=3 or more"):
+        train(b, "run.iterations=2", resume=True)
+    assert "iterations: 3" in (b / "config.yaml").read_text()
+    with caplog.at_level(logging.INFO, logger="arcopo_fast"):
+        assert train(b, "run.iterations=3", resume=True)[0]["iterations"] == 3
+    assert "the run has done all run.iterations=3; raise run.iterations" in caplog.text
     # the first update of an iteration is exactly on-policy: ratio 1, nothing clipped
     assert all(r["update/ratio_max_dev/epoch0"] < 1e-4 and r["update/clip_frac/epoch0"] == 0 for r in ma)
     # the run directory holds what a user needs
@@ -81,7 +89,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert (checkpointing.resolve(a) / "adapter" / adapters.ADAPTER_FILE).is_file()
 
 
-def test_semi_on_policy_trains_the_semi_adapter_from_a_collected_buffer(tmp_path):
+def test_semi_on_policy_trains_the_semi_adapter_from_a_collected_buffer(tmp_path, capsys):
     buf = tmp_path / "buffer"
     summary, t = train(tmp_path / "semi", "run.mode=semi-on-policy", f"replay.buffer={buf}", "replay.buffer_groups=3",
                        "run.iterations=3", "replay.groups_per_iteration=2", "optim.lr=0.5", "algo.pivot_min=1")
@@ -112,6 +120,16 @@ def test_semi_on_policy_trains_the_semi_adapter_from_a_collected_buffer(tmp_path
     with pytest.raises(ValueError, match="other settings.*tau"):
         train(tmp_path / "semi3", "run.mode=semi-on-policy", f"replay.buffer={buf}", "algo.tau_auto_scale=0.5",
               "run.iterations=1", "algo.pivot_min=1")
+    # collecting again into it is refused (hours of rollouts at full size) unless --overwrite, which replaces it
+    from arcopo_fast.collect import main as collect_main
+
+    again = ["--preset", "tiny", *tiny(tmp_path / "unused", f"replay.buffer={buf}", "replay.buffer_groups=2", "algo.pivot_min=1")]
+    index = (buf / "index.json").read_text()
+    assert collect_main(again) == 2 and (buf / "index.json").read_text() == index
+    assert "already holds a replay buffer" in capsys.readouterr().err
+    assert collect_main([*again, "--overwrite"]) == 0
+    assert sorted(f.name for f in buf.glob("group_*")) == ["group_000000.safetensors", "group_000001.safetensors"]
+    assert len(json.loads((buf / "index.json").read_text())["groups"]) == 2
 
 
 def test_merge_writes_w0_plus_semi_plus_scaled_on(tmp_path):
@@ -198,6 +216,7 @@ def test_ctrl_c_writes_a_checkpoint_then_resume_continues(tmp_path):
     state = checkpointing.read_state(out)
     assert state["iteration"] == len(metrics(out)) >= 1
     assert '"interrupted": true' in stdout
+    assert f"checkpoint written: continue with --resume {out}" in stdout  # says how to go on
 
 
 def test_evaluate_wants_noise_ids_for_every_prompt():
@@ -208,6 +227,23 @@ def test_evaluate_wants_noise_ids_for_every_prompt():
         evaluate(prompts=["a", "b"], seeds=[[1, 2]], **kw)  # per-prompt lists: one list per prompt
     with pytest.raises(ValueError, match="seeds: need noise ids for every prompt"):
         evaluate(prompts=["a"], seeds=[], **kw)
+
+
+def test_evaluate_names_bad_inputs_and_leaves_no_folder(tmp_path, capsys):
+    from arcopo_fast.evaluate import main as eval_main
+
+    (tmp_path / "empty.json").write_text("{}")
+    (tmp_path / "rows.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
+    out = tmp_path / "out"
+    for bad, message in (("empty.json", "is not a results.json"), ("rows.jsonl", "is not JSON"), ("none.json", "does not exist")):
+        assert eval_main(["--compare", str(tmp_path / bad), str(tmp_path / bad), "--out", str(out)]) == 2
+        assert f"--compare: {tmp_path / bad} {message}" in capsys.readouterr().err
+    assert eval_main(["--prompts", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
+    assert f"--prompts: {tmp_path / 'none.txt'} does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(["--seeds", "0,a", "--out", str(out)])
+    assert "argument --seeds: expected a comma list of integers, got '0,a'" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_sample_and_evaluate_clis(tmp_path):

@@ -187,6 +187,26 @@ def test_sample_reports_chunks_at_debug_and_is_silent_with_quiet(tmp_path, capsy
 # ---------------------------------------------------------------- rewards, dashboards, `latest` as a path
 
 
+def test_entry_points_log_under_the_package_logger_when_run_with_python_m(tmp_path):
+    """Under `python -m arcopo_fast.X` the module's __name__ is "__main__": a getLogger(__name__) logger sits
+    outside `arcopo_fast`, so its lines ("wrote ...", "run directory: ...") were silently dropped."""
+    for name in ENTRY_POINTS:
+        source = Path(importlib.import_module(f"arcopo_fast.{name}").__file__).read_text()
+        assert "getLogger(__name__)" not in source, f"arcopo_fast.{name} logs as '__main__' under python -m"
+    import subprocess
+
+    res = {"means": {"brightness": 0.5}, "rewards": ["brightness"], "per_prompt": {}}
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "results.json").write_text(json.dumps(res))
+    proc = subprocess.run(
+        [sys.executable, "-m", "arcopo_fast.evaluate", "--compare", str(tmp_path / "a" / "results.json"),
+         str(tmp_path / "b" / "results.json"), "--out", str(tmp_path / "cmp")],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"[arcopo_fast] wrote {tmp_path / 'cmp' / 'comparison.md'}" in proc.stderr
+
+
 def test_two_iteration_training_with_a_module_function_reward(tmp_path, capsys):
     from arcopo_fast.train import main
 

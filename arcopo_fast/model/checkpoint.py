@@ -204,18 +204,24 @@ def _require(path: Path) -> Path:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     _require(path)
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except SafetensorError as e:  # truncated, or not a safetensors file at all
+        raise CheckpointError(f"{path} is not a readable .safetensors file ({e})") from None
 
 
 def _safetensors_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(_require(path)), framework="pt", device="cpu") as f:
-        return list(f.keys())
+    try:
+        with safe_open(str(_require(path)), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is not a readable .safetensors file ({e})") from None
 
 
 def _torch_load(path: Path, allow_pickle: bool) -> object:

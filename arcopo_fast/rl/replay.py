@@ -176,6 +176,16 @@ def write_group(root: str | Path, sample: GroupSample, store_dtype: torch.dtype,
     }
 
 
+def clear(root: str | Path) -> None:
+    """Delete a collection (its index first, so that a half-deleted folder is never a buffer), keeping the
+    folder and whatever else it holds."""
+    root = Path(root)
+    (root / INDEX).unlink(missing_ok=True)
+    for f in root.iterdir():
+        if _GROUP_FILE.match(f.name):
+            f.unlink(missing_ok=True)
+
+
 def write_index(root: str | Path, settings: dict[str, Any], records: list[dict[str, Any]]) -> Path:
     root = Path(root)
     path = root / INDEX

@@ -1,8 +1,8 @@
 """The paper's claims, side by side: `python -m arcopo_fast.toy reproduce`.
 
 Trains, from one base model and at fixed seeds, the runs the claims need, evaluates every resulting policy
-on the same prompts and noises, and writes into --out (default docs/) a Markdown report with one verdict per
-claim, a plot and a JSON of every number:
+on the same prompts and noises, and writes into --out (the toy plan's default: docs/) a Markdown report with
+one verdict per claim, a plot and a JSON of every number:
 
     run             what it is                                                     claims
     ar-copo         on-policy AR-CoPO on the full reward (the 'on' adapter)         a, b, e
@@ -25,8 +25,9 @@ report next to the numbers.
 
 The harness is parametrised by a Plan (config preset, train overrides, which reward components play TA /
 VQ / MQ, budgets): `--plan toy` is the toy world's (arcopo_fast.toy), `--plan tiny` runs the same plumbing on
-the random tiny model with built-in rewards in a minute (what CI runs). Runs are independent processes of
-one thread each (--jobs of them at a time), so the numbers do not depend on --jobs.
+the random tiny model with built-in rewards in seconds (what CI runs; its report goes to runs/tiny_reproduction/,
+not over the toy report in docs/). Runs are independent processes of one thread each (--jobs of them at a
+time), so the numbers do not depend on --jobs.
 """
 
 from __future__ import annotations
@@ -817,20 +818,30 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m arcopo_fast.toy reproduce", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", choices=sorted(PLANS), default="toy", help="what to reproduce on (default: toy)")
-    ap.add_argument("--out", default="docs", help="folder of the report, plot and JSON (default docs/)")
-    ap.add_argument("--work", default="runs/toy_reproduce", help="folder of the runs, buffer and merged weights")
-    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
-    ap.add_argument("--iterations", type=int, help="on-policy iterations per run")
-    ap.add_argument("--semi-iterations", type=int)
-    ap.add_argument("--buffer-groups", type=int)
-    ap.add_argument("--eval-prompts", type=int)
-    ap.add_argument("--eval-seeds", type=int)
-    ap.add_argument("--seed", type=int, help="the evaluation's noise plan and the first replicate's training seed")
-    ap.add_argument("--replicates", type=int, help="training replicates (seeds --seed, --seed + 1, ...)")
-    ap.add_argument("--stem", default="toy_reproduction", help="file name stem of the outputs")
+    toy, tiny = toy_plan(), tiny_plan()
+
+    def plan_default(f: str) -> str:
+        return f"(default: the plan's, toy {getattr(toy, f)}, tiny {getattr(tiny, f)})"
+
+    # Per-plan folders: the tiny plan's plumbing check must not overwrite the committed toy report in docs/
+    # (nor clear the toy plan's runs).
+    ap.add_argument("--out", help="folder of the report, plot and JSON (default: docs/ for the toy plan, "
+                    "runs/tiny_reproduction/ for the tiny one)")
+    ap.add_argument("--work", help="folder of the runs, buffer and merged weights (default: runs/<plan>_reproduce)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each; default 2)")
+    ap.add_argument("--iterations", type=int, help=f"on-policy iterations per run {plan_default('iterations')}")
+    ap.add_argument("--semi-iterations", type=int, help=f"semi-on-policy iterations {plan_default('semi_iterations')}")
+    ap.add_argument("--buffer-groups", type=int, help=f"groups of each replay buffer {plan_default('buffer_groups')}")
+    ap.add_argument("--eval-prompts", type=int, help=f"evaluation prompts {plan_default('eval_prompts')}")
+    ap.add_argument("--eval-seeds", type=int, help=f"evaluation noises per prompt {plan_default('eval_seeds')}")
+    ap.add_argument("--seed", type=int, help="the evaluation's noise plan and the first replicate's training seed (default 0)")
+    ap.add_argument("--replicates", type=int, help=f"training replicates (seeds --seed, --seed + 1, ...) {plan_default('replicates')}")
+    ap.add_argument("--stem", default="toy_reproduction", help="file name stem of the outputs (default toy_reproduction)")
     ap.add_argument("overrides", nargs="*", help="extra train overrides for every run (section.field=value)")
     args = ap.parse_args(argv)
     plan = PLANS[args.plan]()
+    args.out = args.out or ("docs" if args.plan == "toy" else f"runs/{args.plan}_reproduction")
+    args.work = args.work or f"runs/{args.plan}_reproduce"
     for f in ("iterations", "semi_iterations", "buffer_groups", "eval_prompts", "eval_seeds", "seed", "replicates"):
         v = getattr(args, f)
         if v is not None:
