@@ -76,8 +76,7 @@ def configure(level: str | int = "info", *, quiet: bool = False, stream=None) ->
         level = getattr(logging, level.upper())
     if quiet or _rank() != 0:
         level = max(level, logging.WARNING)
-    if quiet:
-        _quiet_libraries()
+    _quiet_libraries(bars_only=not quiet)
     handler = _TqdmHandler(stream)
     handler.setFormatter(_Formatter())
     logging.captureWarnings(True)
@@ -91,18 +90,22 @@ def configure(level: str | int = "info", *, quiet: bool = False, stream=None) ->
 
 
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-"""What --quiet sets for the Hugging Face libraries (read when they are imported): errors only, no bars."""
+"""What --quiet sets for the Hugging Face libraries (read when they are imported): errors only, no bars.
+Without --quiet only their bars are switched off (HF_HUB_DISABLE_PROGRESS_BARS)."""
 
 
-def _quiet_libraries() -> None:
-    """transformers / diffusers log and draw loading bars on their own: errors only, no bars. Environment
+def _quiet_libraries(*, bars_only: bool = False) -> None:
+    """transformers / diffusers log and draw loading bars on their own ("Loading weights" for a 2 MB text
+    encoder, drawn through the entry points' own bars): no bars, and with --quiet errors only. Environment
     variables cover a later import; the libraries' own switches cover an earlier one."""
     for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
+        if key == "HF_HUB_DISABLE_PROGRESS_BARS" or not bars_only:
+            os.environ.setdefault(key, value)
     for name in ("transformers", "diffusers"):
         mod = sys.modules.get(f"{name}.utils.logging")
         if mod is not None:
-            mod.set_verbosity_error()
+            if not bars_only:
+                mod.set_verbosity_error()
             mod.disable_progress_bar()
 
 

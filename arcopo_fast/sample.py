@@ -37,12 +37,17 @@ logger = logging.getLogger("arcopo_fast.sample")  # not __name__: under `python 
 
 
 def parse_adapter(text: str) -> tuple[str, float]:
-    """'path' or 'path:scale' (scale default 1.0)."""
+    """'path' or 'path:scale' (scale default 1.0); a path that itself holds a ':' is taken whole when it
+    exists. A scale that is not a number is a ValueError naming it (not a search for 'runs/x:O.8')."""
     path, sep, scale = text.rpartition(":")
-    try:
-        return (path, float(scale)) if sep else (text, 1.0)
-    except ValueError:
+    if not sep:
         return text, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        if Path(text).expanduser().exists():
+            return text, 1.0
+        raise ValueError(f"--adapter {text}: expected FOLDER or FOLDER:SCALE, and {scale!r} is not a number") from None
 
 
 def device_arg(text: str) -> str:

@@ -90,6 +90,8 @@ def test_bad_arguments_fail_before_generating(tmp_path, capsys):
             sample_main(["--prompt", "x", flag.strip(), value, "--out", str(tmp_path / "y.mp4")])
         assert e.value.code == 2 and message in capsys.readouterr().err, flag
     assert not (tmp_path / "y.mp4").exists()
+    assert sample_main(["--prompt", "x", "--adapter", f"{tmp_path}:O.8", "--out", str(tmp_path / "y.mp4")]) == 2
+    assert f"--adapter {tmp_path}:O.8: expected FOLDER or FOLDER:SCALE, and 'O.8' is not a number" in capsys.readouterr().err
 
 
 def test_bad_sizes_are_named_in_pixels(tiny_assets, tmp_path, capsys):

@@ -10,6 +10,7 @@ import importlib
 import io
 import json
 import logging
+import os
 import sys
 import typing
 from pathlib import Path
@@ -38,6 +39,8 @@ def _restore_logging(monkeypatch):
     for key in log_setup.QUIET_ENV:
         monkeypatch.delenv(key, raising=False)
     yield
+    for key in log_setup.QUIET_ENV:  # set by configure() itself; monkeypatch then restores the originals
+        os.environ.pop(key, None)
     for name in ("transformers", "diffusers"):
         mod = sys.modules.get(f"{name}.utils.logging")
         if mod is not None:
@@ -157,6 +160,17 @@ def test_log_levels_quiet_warnings_and_progress_flag():
     assert "UserWarning: careful" in lines[1]
     with pytest.raises(ValueError, match="log level"):
         log_setup.configure("loud")
+
+
+def test_entry_points_hide_the_hugging_face_loading_bars():
+    """transformers drew a "Loading weights" bar (through our own chunk bar) for every 2 MB text encoder:
+    the entry points switch the libraries' bars off, and their messages only with --quiet."""
+    hf = sys.modules["transformers.utils.logging"]
+    log_setup.configure("info", stream=io.StringIO())
+    assert not hf.is_progress_bar_enabled() and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1"
+    assert "TRANSFORMERS_VERBOSITY" not in os.environ and hf.get_verbosity() < logging.ERROR
+    log_setup.configure("info", quiet=True, stream=io.StringIO())
+    assert hf.get_verbosity() == logging.ERROR and os.environ.get("TRANSFORMERS_VERBOSITY") == "error"
 
 
 def test_one_time_asset_builds_announce_themselves(tmp_path):
