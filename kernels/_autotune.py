@@ -5,8 +5,8 @@ a config that spills registers under either Triton the project meets (3.9 on the
 on the GPU machines) is dropped, per kernel, because the same tile spills in one kernel and not in another.
 
 A first call with a new tuning key makes triton's Autotuner compile each candidate inside its timing loop,
-one after the other (tens of configs x seconds each: minutes before the first step of a run, most of a
-time-boxed GPU check). ParallelCompileAutotuner compiles the candidates of the key together first, on a
+one after the other (10-13 kept forward configs per key, every key and flag combination again: a large
+share of the first iterations and of a time-boxed GPU check). ParallelCompileAutotuner compiles the candidates of the key together first, on a
 thread pool (Triton's passes and ptxas run outside the GIL), then times them as triton's Autotuner does.
 """
 

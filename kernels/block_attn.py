@@ -176,8 +176,7 @@ _FWD_CONFIGS = [
 _SMEM_BUDGET = 227 * 1024  # bytes: sm_90's per-block maximum
 
 
-def _keep_fwd_config(conf: triton.Config, head_dim: int, lq_bucket: int, elem_bytes: int,
-                     kernel: str = "chunk_fwd") -> bool:
+def _keep_fwd_config(conf: triton.Config, head_dim: int, lq_bucket: int, elem_bytes: int, kernel: str) -> bool:
     """Drop the forward configs that cannot fit, that spill in `kernel` (SPILLING_D128), or whose q tile
     exceeds the chunk. Calibrated with arcopo_fast.compile_report (sm_90, D = 128): docs/performance.md."""
     bm, bn, w, s = _autotune.tile(conf)
